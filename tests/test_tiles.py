@@ -1,0 +1,69 @@
+"""Tests for geoclip.tiles: discovering and reading tiles in the supported layouts."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import write_tile
+from geoclip.errors import GeoclipError
+from geoclip.tiles import discover_tiles, read_tile
+
+
+def test_eurosat_layout_gives_class_from_folder(tmp_path):
+    for name in ["Forest", "River"]:
+        for n in (1, 2):
+            write_tile(tmp_path / name / f"{name}_{n}.tif", np.ones((13, 8, 8), "uint16"))
+    (tmp_path / "Forest" / "notes.txt").write_text("not a tile")
+    df = discover_tiles(tmp_path)
+    assert list(df.columns[:3]) == ["id", "path", "class"]
+    assert sorted(df["class"]) == ["Forest", "Forest", "River", "River"]
+    assert set(df["id"]) == {"Forest_1", "Forest_2", "River_1", "River_2"}
+
+
+def test_flat_folder_has_no_class(tmp_path):
+    write_tile(tmp_path / "a.tif", np.ones((13, 8, 8), "uint16"))
+    df = discover_tiles(tmp_path)
+    assert len(df) == 1 and df["class"].isna().all()
+
+
+def test_manifest_paths_are_relative_to_manifest(tmp_path):
+    write_tile(tmp_path / "x" / "t.tif", np.ones((13, 8, 8), "uint16"))
+    pd.DataFrame({"path": ["x/t.tif"], "class": ["Forest"]}).to_csv(tmp_path / "m.csv", index=False)
+    df = discover_tiles(tmp_path / "m.csv")
+    assert df.loc[0, "path"] == str(tmp_path / "x" / "t.tif") and df.loc[0, "class"] == "Forest"
+
+
+def test_manifest_without_path_column(tmp_path):
+    (tmp_path / "m.csv").write_text("file,class\na.tif,Forest\n")
+    with pytest.raises(GeoclipError, match="m.csv: manifest has no 'path' column"):
+        discover_tiles(tmp_path / "m.csv")
+
+
+def test_missing_and_empty_sources(tmp_path):
+    with pytest.raises(GeoclipError, match="no such file or folder"):
+        discover_tiles(tmp_path / "absent")
+    with pytest.raises(GeoclipError, match="no .tif tiles found"):
+        discover_tiles(tmp_path)
+
+
+def test_read_tile_selects_and_orders_bands(tmp_path):
+    data = np.arange(13 * 4, dtype="uint16").reshape(13, 2, 2)
+    path = write_tile(tmp_path / "t.tif", data)
+    assert np.array_equal(read_tile(path), data)
+    assert np.array_equal(read_tile(path, [3, 2, 1]), data[[3, 2, 1]])
+    with pytest.raises(GeoclipError, match="has 13 bands, expected at least 14"):
+        read_tile(path, [13])
+
+
+def test_read_tile_not_a_raster(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_text("hello")
+    with pytest.raises(GeoclipError, match="bad.tif: cannot be read as a raster"):
+        read_tile(bad)
+
+
+def test_real_eurosat_tiles(real_tiles):
+    df = discover_tiles(real_tiles)
+    assert len(df) == 100 and df["class"].nunique() == 10
+    tile = read_tile(df.loc[0, "path"])
+    assert tile.shape == (13, 64, 64) and tile.dtype == np.uint16
