@@ -28,8 +28,12 @@ def cmd_calibrate(args) -> None:
     from geoclip.synth import calibrate
 
     params = load_params(args.params)
-    calibrate(Path(args.real), Path(params.paths.raw) / "tiles", Path(args.out))
-    print(f"wrote {args.out}")
+    from geoclip.diagram import draw_samples
+
+    tiles = Path(params.paths.raw) / "tiles"
+    calibrate(Path(args.real), tiles, Path(args.out))
+    samples = draw_samples(Path(args.real), tiles, Path(args.out).with_name("samples.png"))
+    print(f"wrote {args.out} and {samples}")
 
 
 def cmd_validate(args) -> None:

@@ -90,6 +90,8 @@ class TrainConfig:
     init_temperature: float = 0.07
     nproc_per_node: int = 1
     num_threads: int = 0  # 0: let torch decide
+    warmup_fraction: float = 0.1  # share of all steps with a linear learning-rate warmup
+    gain_noise: float = 0.05  # std of the random per-band gain in augmentation (0: off)
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class ScoreConfig:
     stride: int = 32
     batch_size: int = 256
     cron: str = "0 3 * * *"
+    nodata: int = 0  # input value that, in every band, marks a pixel as nodata (class map: 255)
+    quicklook: bool = True  # also write a small PNG of the class map per scene
 
 
 @dataclass(frozen=True)

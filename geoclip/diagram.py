@@ -67,3 +67,37 @@ def draw_architecture(out: Path) -> Path:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def _rgb(path: Path):
+    """A tile's true-colour composite, stretched between its 2nd and 98th percentiles."""
+    import numpy as np
+
+    from geoclip.bands import ALL_BAND_NAMES, RGB_BANDS
+    from geoclip.tiles import read_tile
+
+    rgb = read_tile(path, [ALL_BAND_NAMES.index(b) for b in RGB_BANDS]).astype(float).transpose(1, 2, 0)
+    lo, hi = np.percentile(rgb, 2), np.percentile(rgb, 98)
+    return np.clip((rgb - lo) / (hi - lo + 1e-6), 0, 1)
+
+
+def draw_samples(real_dir: Path, synth_tiles_dir: Path, out: Path, per_class: int = 2) -> Path:
+    """Real EuroSAT_MS tiles above synthetic ones, per class, in true colour (docs/samples.png)."""
+    classes = sorted(d.name for d in Path(synth_tiles_dir).iterdir() if d.is_dir())
+    fig, axes = plt.subplots(2 * per_class, len(classes), figsize=(1.5 * len(classes), 3.2 * per_class), squeeze=False)
+    for j, name in enumerate(classes):
+        for i in range(per_class):
+            for row, root in ((i, real_dir), (per_class + i, synth_tiles_dir)):
+                ax = axes[row, j]
+                tile = Path(root) / name / f"{name}_{i + 1}.tif"
+                if tile.exists():
+                    ax.imshow(_rgb(tile))
+                ax.set_xticks([]); ax.set_yticks([])
+        axes[0, j].set_title(name, fontsize=7)
+    axes[0, 0].set_ylabel("real", fontsize=9)
+    axes[per_class, 0].set_ylabel("synthetic", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return out

@@ -92,12 +92,18 @@ class GeoCLIP(nn.Module):
         return (scale * img @ self.class_embeddings().T).softmax(dim=-1), img
 
 
-def build_model(cfg: ModelConfig) -> GeoCLIP:
-    """Build a model and fill its prompt features from the frozen sentence encoder."""
+def build_model(cfg: ModelConfig, seed: int | None = None) -> GeoCLIP:
+    """Build a model and fill its prompt features from the frozen sentence encoder.
+
+    ``seed`` seeds torch right before the random initialisation: loading the sentence encoder (once
+    per process) draws random numbers, so seeding earlier would not make two builds identical.
+    """
     from geoclip.text import embed_prompts
 
     flat = [p for prompts in cfg.prompts for p in prompts]
     feats = embed_prompts(flat).reshape(len(cfg.prompts), -1, cfg.text_dim)
+    if seed is not None:
+        torch.manual_seed(seed)
     return GeoCLIP(cfg, torch.from_numpy(feats))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +19,13 @@ RUN_INFO_FILE = "run.json"
 def configure(params: Params) -> str:
     """Point MLflow at the configured tracking URI and experiment; return the experiment id."""
     uri = params.mlflow.resolved_tracking_uri()
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # mlflow also exports the URI to the environment; undo that so the next configure() sees only the user's choice.
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
     if experiment is not None:
         experiment_id = experiment.experiment_id

@@ -1,0 +1,73 @@
+"""Prefect flow for training: validate -> prepare -> train -> evaluate -> register, the same library calls as DVC."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows import transient
+from geoclip.config import load_params
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient}
+
+
+@task(**IO_RETRIES)
+def validate_task(params_path: str) -> dict:
+    """Run the Great Expectations suites on the raw data."""
+    from geoclip.validate import validate
+
+    return validate(load_params(params_path))
+
+
+@task(**IO_RETRIES)
+def prepare_task(params_path: str) -> str:
+    """Split, compute band statistics and pack the tiles; return the prepared folder."""
+    from geoclip.prepare import prepare
+
+    return str(prepare(load_params(params_path)))
+
+
+@task
+def train_task(params_path: str) -> str:
+    """Train through torchrun (no retries: a failed run is worth a look); return the MLflow run id."""
+    from geoclip.tracking import RUN_INFO_FILE
+    from geoclip.train import launch
+
+    launch(params_path)
+    return json.loads((Path(load_params(params_path).paths.model) / RUN_INFO_FILE).read_text())["run_id"]
+
+
+@task(**IO_RETRIES)
+def evaluate_task(params_path: str) -> dict:
+    """Evaluate the trained model on the test split; return the metrics."""
+    from geoclip.evaluate import evaluate
+
+    return evaluate(load_params(params_path))
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
+def register_task(params_path: str) -> dict:
+    """Log and register the model; move the champion alias only on a better metric."""
+    from geoclip.register import register
+
+    return register(load_params(params_path))
+
+
+@flow(name="geoclip-training", log_prints=True)
+def training_flow(params_path: str = "params.yaml") -> dict:
+    """Validate, prepare, train, evaluate and register; return the registration record."""
+    load_params(params_path)  # fail fast on bad params, before any task
+    validate_task(params_path)
+    prepare_task(params_path)
+    run_id = train_task(params_path)
+    metrics = evaluate_task(params_path)
+    registered = register_task(params_path)
+    print(f"run {run_id}: {registered['metric']}={metrics.get(registered['metric'])} -> "
+          f"{registered['name']} v{registered['version']} @{registered['alias']}")
+    return registered
+
+
+if __name__ == "__main__":
+    training_flow()

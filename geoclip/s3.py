@@ -1,0 +1,104 @@
+"""Small S3 helpers (boto3): list, fetch and put objects named by ``s3://bucket/key`` URIs.
+
+The endpoint comes from the standard ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` variables and the
+credentials from the usual environment or profile, so a local S3 (moto, MinIO) needs no code change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from geoclip.errors import GeoclipError
+
+SCHEME = "s3://"
+
+
+def is_s3(uri: str | Path) -> bool:
+    """True when ``uri`` is an ``s3://`` URI."""
+    return str(uri).startswith(SCHEME)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` into ``(bucket, key)``."""
+    if not is_s3(uri):
+        raise GeoclipError(f"{uri}: expected an s3://bucket/prefix URI")
+    bucket, _, key = uri[len(SCHEME):].partition("/")
+    if not bucket:
+        raise GeoclipError(f"{uri}: no bucket name; expected s3://bucket/prefix")
+    return bucket, key
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join key parts onto an ``s3://`` URI with single slashes."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def client():
+    """A boto3 S3 client (endpoint and credentials from the standard AWS settings)."""
+    import boto3
+
+    return boto3.client("s3")
+
+
+def _client_error_code(exc: Exception) -> str:
+    """The AWS error code of a botocore ``ClientError`` (empty when there is none)."""
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def list_uris(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """All object URIs under the prefix ``uri`` whose names end with one of ``suffixes`` (sorted)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_uri(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"  # a folder-like prefix: scenes/ must not also match scenes_old/
+    out = []
+    try:
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out += [f"{SCHEME}{bucket}/{o['Key']}" for o in page.get("Contents", [])
+                    if not suffixes or o["Key"].lower().endswith(suffixes)]
+    except ClientError as exc:
+        raise GeoclipError(f"{uri}: cannot list ({_client_error_code(exc) or exc})") from exc
+    except BotoCoreError as exc:
+        raise GeoclipError(f"{uri}: cannot reach S3 ({exc})") from exc
+    return sorted(out)
+
+
+def exists(uri: str) -> bool:
+    """True when the object ``uri`` exists."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_uri(uri)
+    try:
+        client().head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as exc:
+        if _client_error_code(exc) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+            return False
+        raise GeoclipError(f"{uri}: cannot check ({_client_error_code(exc) or exc})") from exc
+
+
+def download(uri: str, path: str | Path) -> Path:
+    """Fetch the object ``uri`` into the local file ``path``."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_uri(uri)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        client().download_file(bucket, key, str(path))
+    except (ClientError, BotoCoreError) as exc:
+        raise GeoclipError(f"{uri}: cannot download ({_client_error_code(exc) or exc})") from exc
+    return path
+
+
+def upload(path: str | Path, uri: str) -> str:
+    """Put the local file ``path`` at ``uri`` (S3 puts are atomic: readers never see half an object)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_uri(uri)
+    try:
+        client().upload_file(str(path), bucket, key)
+    except (ClientError, BotoCoreError) as exc:
+        raise GeoclipError(f"{uri}: cannot upload {path} ({_client_error_code(exc) or exc})") from exc
+    return uri

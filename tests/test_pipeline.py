@@ -1,0 +1,107 @@
+"""End to end: `dvc repro` of the real dvc.yaml in a temporary copy, tiny params, real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COPY = ["geoclip", "flows", "expectations", "dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".gitignore"]
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_params(path: Path) -> None:
+    """Shrink the repo's params.yaml so the whole pipeline runs in a minute or two on 2 cores."""
+    params = yaml.safe_load(path.read_text())
+    params["synth"].update(tiles_per_class=12, scene_size=256)
+    params["train"].update(image_encoder="resnet10t", epochs=2, batch_size=32, embed_dim=32)
+    params["prepare"].update(val_fraction=0.25, test_fraction=0.25)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run a command, failing the test with its output when it fails."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, mlflow_server):
+    """Run `dvc repro` once in a fresh copy of the project; yield (copy dir, env)."""
+    work = tmp_path_factory.mktemp("project")
+    for item in COPY:
+        src, dst = REPO / item, work / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    tiny_params(work / "params.yaml")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": mlflow_server, "DVC_NO_ANALYTICS": "1"}
+    run(["git", "init", "-q"], work, env)
+    repro = run(["dvc", "repro"], work, env)
+    return work, env, repro
+
+
+def test_every_stage_ran_and_metrics_exist(pipeline):
+    work, _, repro = pipeline
+    for stage in ["synth", "validate", "prepare", "train", "evaluate", "register", "score"]:
+        assert f"Running stage '{stage}'" in repro.stdout
+    metrics = json.loads((work / "eval/metrics.json").read_text())
+    for key in ["test_top1", "val_top1", "nearest_centroid_top1"]:
+        assert 0.0 <= metrics[key] <= 1.0
+    assert (work / "eval/confusion.csv").read_text().startswith("actual,predicted")
+    assert (work / "reports/validation.html").exists()
+
+
+def test_model_is_registered_with_an_alias(pipeline, mlflow_server):
+    from mlflow import MlflowClient
+
+    work, _, _ = pipeline
+    registered = json.loads((work / "models/registered.json").read_text())
+    client = MlflowClient(tracking_uri=mlflow_server)
+    version = client.get_model_version(registered["name"], registered["version"])
+    assert registered["alias"] in version.aliases
+    champion = client.get_model_version_by_alias(registered["name"], "champion")
+    assert champion.version is not None
+
+
+def test_class_map_keeps_scene_georeferencing(pipeline):
+    import rasterio
+
+    work, _, _ = pipeline
+    scene = work / "data/raw/scenes/scene_1.tif"
+    classmap = work / "outputs/scores/scene_1_classmap.tif"
+    with rasterio.open(scene) as src, rasterio.open(classmap) as out:
+        assert out.crs == src.crs and out.transform == src.transform
+        assert (out.width, out.height) == (src.width, src.height)
+    summary = json.loads((work / "outputs/scores/scene_1_summary.json").read_text())
+    assert summary["area_km2"]
+
+
+def test_second_repro_has_nothing_to_do(pipeline):
+    work, env, _ = pipeline
+    status = run(["dvc", "status"], work, env)
+    assert "changed" not in status.stdout, status.stdout
+    again = run(["dvc", "repro"], work, env)
+    assert "Running stage" not in again.stdout
+
+
+def test_changing_score_params_reruns_only_score(pipeline):
+    work, env, _ = pipeline
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["score"]["stride"] = 64
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], work, env).stdout
+    assert "Running stage 'score'" in out
+    assert "Running stage 'train'" not in out and "Running stage 'synth'" not in out
