@@ -14,6 +14,7 @@ from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_path, write_json
 
 METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.json"  # kept apart so `dvc metrics show` stays one line of scalars
 CONFUSION_CSV = "confusion.csv"
 CONFUSION_PNG = "confusion.png"
 
@@ -128,7 +129,7 @@ def evaluate(params: Params) -> dict:
     out = Path(params.paths.eval)
     out.mkdir(parents=True, exist_ok=True)
     write_confusion(out, y_true, y_pred, model.cfg.class_names)
-    metrics = {**scalars, "per_class": per_class}
-    write_json(out / METRICS_FILE, metrics)
-    _log_to_run(run_id, scalars, [out / METRICS_FILE, out / CONFUSION_CSV, out / CONFUSION_PNG])
-    return metrics
+    write_json(out / METRICS_FILE, scalars)
+    write_json(out / PER_CLASS_FILE, per_class)
+    _log_to_run(run_id, scalars, [out / METRICS_FILE, out / PER_CLASS_FILE, out / CONFUSION_CSV, out / CONFUSION_PNG])
+    return {**scalars, "per_class": per_class}

@@ -41,12 +41,13 @@ def served(tmp_path_factory, mlflow_server):
 def test_metrics_json_has_flat_scalars_and_per_class(served):
     params, _, metrics = served
     on_disk = json.loads((Path(params.paths.eval) / "metrics.json").read_text())
-    assert on_disk == metrics
+    assert on_disk == {k: v for k, v in metrics.items() if k != "per_class"}
     assert SCALARS <= set(on_disk)
     assert all(isinstance(on_disk[k], float) and 0.0 <= on_disk[k] <= 1.0 for k in SCALARS)
     assert on_disk["test_top5"] == 1.0  # three classes: the truth is always in the top five
-    assert set(on_disk["per_class"]) == set(CLASSES)
-    assert all(set(v) == {"precision", "recall"} for v in on_disk["per_class"].values())
+    per_class = json.loads((Path(params.paths.eval) / "per_class.json").read_text())
+    assert per_class == metrics["per_class"] and set(per_class) == set(CLASSES)
+    assert all(set(v) == {"precision", "recall"} for v in per_class.values())
 
 
 def test_confusion_files_have_one_row_per_test_tile(served):
@@ -69,7 +70,7 @@ def test_metrics_and_files_are_logged_to_the_training_run(served, mlflow_server)
         assert run.data.metrics[key] == pytest.approx(metrics[key])
     assert "train_loss" in run.data.metrics  # same run as training
     logged = {a.path for a in client.list_artifacts(result["run_id"], "eval")}
-    assert logged == {"eval/metrics.json", "eval/confusion.csv", "eval/confusion.png"}
+    assert logged == {"eval/metrics.json", "eval/per_class.json", "eval/confusion.csv", "eval/confusion.png"}
 
 
 def test_evaluate_without_a_model_raises(tmp_path):
