@@ -36,6 +36,13 @@ def cmd_calibrate(args) -> None:
     print(f"wrote {args.out} and {samples}")
 
 
+def cmd_labels(args) -> None:
+    """Write labels.csv for tiles already under paths.raw/tiles/<Class>/ (e.g. a real EuroSAT_MS download)."""
+    from geoclip.tiles import write_labels
+
+    print(f"wrote {write_labels(load_params(args.params).paths.raw, overwrite=args.overwrite)}")
+
+
 def cmd_validate(args) -> None:
     """Run the Great Expectations suites on the raw data."""
     from geoclip.validate import validate
@@ -111,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn in [("synth", cmd_synth), ("validate", cmd_validate), ("prepare", cmd_prepare),
                      ("evaluate", cmd_evaluate), ("register", cmd_register)]:
         sub.add_parser(name, help=fn.__doc__).set_defaults(func=fn)
+    p = sub.add_parser("labels", help=cmd_labels.__doc__)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing labels.csv")
+    p.set_defaults(func=cmd_labels)
     p = sub.add_parser("train", help=cmd_train.__doc__)
     p.add_argument("--in-process", action="store_true", help="run in this process instead of torchrun")
     p.set_defaults(func=cmd_train)

@@ -74,3 +74,20 @@ def discover_tiles(source: str | Path) -> pd.DataFrame:
     if "id" not in df.columns:
         df.insert(0, "id", [Path(p).stem for p in df["path"]])
     return df.reset_index(drop=True)
+
+
+def write_labels(raw_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write ``raw_dir/labels.csv`` for tiles laid out as ``raw_dir/tiles/<Class>/*.tif`` (a real EuroSAT download)."""
+    from geoclip.ioutils import atomic_path
+
+    raw_dir = Path(raw_dir)
+    out = raw_dir / "labels.csv"
+    if out.exists() and not overwrite:
+        raise GeoclipError(f"{out}: already exists; pass --overwrite to replace it")
+    df = discover_tiles(raw_dir / "tiles")
+    if df["class"].isna().any():
+        raise GeoclipError(f"{raw_dir / 'tiles'}: expected one folder per class (<Class>/<Class>_<n>.tif)")
+    df["path"] = [str(Path(p).relative_to(raw_dir)) for p in df["path"]]
+    with atomic_path(out) as tmp:
+        df[["id", "path", "class"]].to_csv(tmp, index=False)
+    return out

@@ -67,3 +67,17 @@ def test_real_eurosat_tiles(real_tiles):
     assert len(df) == 100 and df["class"].nunique() == 10
     tile = read_tile(df.loc[0, "path"])
     assert tile.shape == (13, 64, 64) and tile.dtype == np.uint16
+
+
+def test_write_labels_for_a_eurosat_download(tmp_path):
+    from geoclip.tiles import write_labels
+
+    for name in ["Forest", "River"]:
+        write_tile(tmp_path / "tiles" / name / f"{name}_1.tif", np.ones((13, 8, 8), "uint16"))
+    out = write_labels(tmp_path)
+    df = pd.read_csv(out)
+    assert list(df.columns) == ["id", "path", "class"]
+    assert set(df["path"]) == {"tiles/Forest/Forest_1.tif", "tiles/River/River_1.tif"}
+    with pytest.raises(GeoclipError, match="labels.csv: already exists; pass --overwrite"):
+        write_labels(tmp_path)
+    assert write_labels(tmp_path, overwrite=True) == out
