@@ -112,6 +112,14 @@ def band_stats(images: np.ndarray, chunk: int = 512) -> tuple[list[float], list[
     return mean.tolist(), std.tolist()
 
 
+def data_hash(prepared_dir: str | Path) -> str:
+    """sha256 of ``index.csv`` in the prepared folder: identifies the exact tiles (by content hash) and splits."""
+    path = Path(prepared_dir) / "index.csv"
+    if not path.exists():
+        raise GeoclipError(f"{path}: not found; run `geoclip prepare` first")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def load_split(prepared_dir: str | Path, split: str) -> PreparedData:
     """Load one split from the packs (images memory-mapped)."""
     prepared_dir = Path(prepared_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -15,7 +14,7 @@ from geoclip.bands import ALL_BAND_NAMES
 from geoclip.config import Params
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
-from geoclip.prepare import load_split
+from geoclip.prepare import data_hash, load_split
 from geoclip.tiles import read_tile
 from geoclip.tracking import git_revision, read_run_info
 
@@ -56,12 +55,6 @@ def input_example(params: Params, n: int = 2) -> np.ndarray:
     return np.stack([read_tile(Path(params.paths.raw) / p) for p in paths]).astype(np.uint16)
 
 
-def data_hash(params: Params) -> str | None:
-    """SHA-256 of the prepared ``index.csv`` (it lists every tile's hash and split), if present."""
-    path = Path(params.paths.prepared) / "index.csv"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-
-
 def _alias_version(client: MlflowClient, name: str, alias: str):
     """The model version holding ``alias``, or None."""
     try:
@@ -91,9 +84,8 @@ def register(params: Params) -> dict:
     with mlflow.start_run(run_id=info["run_id"]):
         model_info = log_pyfunc(params.paths.model, example, name="model")
     tags = {cfg.metric: repr(value), "metric": cfg.metric, "git_revision": git_revision(), "run_id": info["run_id"]}
-    digest = data_hash(params)
-    if digest:
-        tags["data_hash"] = digest
+    if (Path(params.paths.prepared) / "index.csv").exists():
+        tags["data_hash"] = data_hash(params.paths.prepared)
     # Tags go in with the version: the gate never sees a version without its metric.
     version = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
     client = MlflowClient()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from geoclip.evaluate import predict_probs
 from geoclip.ioutils import atomic_path, write_json
 from geoclip.loss import MAX_LOGIT_SCALE, label_aware_clip_loss
 from geoclip.model import GeoCLIP, ModelConfig, build_model, save_model
-from geoclip.prepare import PreparedData, load_split
+from geoclip.prepare import PreparedData, data_hash, load_split
 from geoclip.tracking import configure, flat_params, git_revision, write_run_info
 
 HISTORY_FILE = "history.json"
@@ -54,14 +53,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def data_hash(prepared_dir: str | Path) -> str:
-    """sha256 of ``index.csv`` in the prepared folder: identifies the exact tiles and splits."""
-    path = Path(prepared_dir) / "index.csv"
-    if not path.exists():
-        raise GeoclipError(f"{path}: not found; run `geoclip prepare` first")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def model_config(params: Params, data: PreparedData) -> ModelConfig:
@@ -171,7 +162,7 @@ def _start_run(params: Params, data_sha: str):
     try:
         mlflow.log_params(flat_params(params))
         mlflow.set_tags({"git_revision": git_revision(), "image_encoder": params.train.image_encoder,
-                         "data_sha256": data_sha, "world_size": os.environ.get("WORLD_SIZE", "1")})
+                         "data_hash": data_sha, "world_size": os.environ.get("WORLD_SIZE", "1")})
     except Exception:
         mlflow.end_run("FAILED")
         raise

@@ -120,7 +120,7 @@ def test_train_logs_params_metrics_tags_and_artifacts(trained):
     assert run.data.params["train.image_encoder"] == "resnet10t"
     assert run.data.tags["image_encoder"] == "resnet10t"
     expected_sha = __import__("hashlib").sha256((Path(params.paths.prepared) / "index.csv").read_bytes()).hexdigest()
-    assert run.data.tags["data_sha256"] == expected_sha
+    assert run.data.tags["data_hash"] == expected_sha
     assert run.data.tags["git_revision"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2]
     assert {"train_loss", "val_top1", "temperature", "lr"} <= set(run.data.metrics)
