@@ -9,7 +9,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from test_train import CLASSES, make_packs, own_tracking_store, tiny_params_dict
 
 from geoclip.config import params_from_dict
 from geoclip.errors import GeoclipError
@@ -17,6 +16,8 @@ from geoclip.evaluate import evaluate, per_class_scores, topk_accuracy
 from geoclip.model import build_model, save_model
 from geoclip.prepare import load_split
 from geoclip.train import model_config, train
+from factories import PACK_CLASSES as CLASSES
+from factories import make_packs, own_tracking_store, tiny_params_dict
 
 SCALARS = {"test_top1", "test_top5", "test_macro_f1", "val_top1", "nearest_centroid_top1"}
 

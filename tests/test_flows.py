@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 from geoclip.errors import GeoclipError
-from test_score import register_champion, write_scene
+from factories import register_champion, write_scene
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from geoclip.bands import EUROSAT_CLASSES
 from geoclip.errors import GeoclipError
 from geoclip.predict import predict_tiles
 from geoclip.pyfunc import save_pyfunc
-from test_pyfunc import make_model_dir, synthetic_tiles, torch_predict
+from factories import make_model_dir, synthetic_tiles, torch_predict
 
 PROB_COLUMNS = [f"prob_{c}" for c in EUROSAT_CLASSES]
 

@@ -10,42 +10,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import torch
 
-from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASSES
+from geoclip.bands import EUROSAT_CLASSES
 from geoclip.errors import GeoclipError
-from geoclip.model import GeoCLIP, ModelConfig, load_model, save_model
 from geoclip.pyfunc import log_pyfunc, save_pyfunc
-from geoclip.tiles import discover_tiles, read_tile
-
-TINY_ENCODER = "test_resnet"  # timm's 0.4M-parameter test net: fast to build, log and run
-
-
-def make_model_dir(path: Path, seed: int = 0, embed_dim: int = 32) -> Path:
-    """Save a tiny untrained GeoCLIP (random prompt features, no sentence encoder) into ``path``."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(image_encoder=TINY_ENCODER, embed_dim=embed_dim, band_names=list(ALL_BAND_NAMES),
-                      class_names=list(EUROSAT_CLASSES), prompts=[[f"an image of {c}."] for c in EUROSAT_CLASSES],
-                      band_mean=[1500.0] * 13, band_std=[800.0] * 13)
-    save_model(GeoCLIP(cfg, prompt_features=torch.randn(len(EUROSAT_CLASSES), 1, 384)), path)
-    return path
-
-
-def synthetic_tiles(n: int, seed: int = 0) -> np.ndarray:
-    """``n`` random uint16 tiles ``(n, 13, 64, 64)`` in a Sentinel-2-like value range."""
-    return np.random.default_rng(seed).integers(200, 4000, size=(n, 13, 64, 64)).astype(np.uint16)
-
-
-def real_batch(folder: Path, n: int) -> np.ndarray:
-    """The first ``n`` real EuroSAT_MS tiles, one per class in turn."""
-    df = discover_tiles(folder).groupby("class").head(1).head(n)
-    return np.stack([read_tile(p) for p in df["path"]]).astype(np.uint16)
-
-
-def torch_predict(model_dir: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The torch model's own probabilities and embeddings for raw tiles."""
-    probs, emb = load_model(model_dir).predict(torch.from_numpy(x.astype(np.float32)))
-    return probs.numpy(), emb.numpy()
+from factories import make_model_dir, real_batch, synthetic_tiles, torch_predict
 
 
 def test_logged_pyfunc_predicts_like_torch_model(tmp_path, mlflow_server, real_tiles):

@@ -16,7 +16,7 @@ from geoclip.config import params_from_dict
 from geoclip.errors import GeoclipError
 from geoclip.register import register
 from geoclip.tracking import configure, write_run_info
-from test_pyfunc import make_model_dir, synthetic_tiles
+from factories import make_model_dir, synthetic_tiles
 
 
 def write_test_pack(prepared: Path, n: int = 3) -> None:

@@ -4,47 +4,19 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 
 import boto3
-import mlflow
 import numpy as np
 import pytest
 import rasterio
-from mlflow import MlflowClient
-from rasterio.transform import from_origin
 
 from geoclip.bands import EUROSAT_CLASSES
 from geoclip.config import params_from_dict
 from geoclip.errors import GeoclipError
-from geoclip.pyfunc import log_pyfunc
 from geoclip.score import list_scenes, score_scene, score_scenes, window_starts
-from test_pyfunc import make_model_dir, synthetic_tiles
+from factories import GEO, register_champion, write_scene
 
 CLASSES = list(EUROSAT_CLASSES)
-BLOCK = 64  # class blocks aligned to the stride grid
-GEO = {"crs": "EPSG:32632", "transform": from_origin(500000, 5000000, 10, 10)}
-
-
-def block_classes(h: int, w: int) -> np.ndarray:
-    """Ground truth: 64-pixel blocks whose classes differ from every neighbour's (``(i + 2j) % 10``)."""
-    i, j = np.meshgrid(np.arange(h) // BLOCK, np.arange(w) // BLOCK, indexing="ij")
-    return ((i + 2 * j) % len(CLASSES)).astype(np.uint8)
-
-
-def write_scene(path: Path, h: int = 256, w: int = 240, count: int = 13, crs: str = "EPSG:32632",
-                nodata_box: int = 40) -> np.ndarray:
-    """A georeferenced uint16 scene whose band 0 encodes the block class (1000 * (class + 1)); return the truth."""
-    truth = block_classes(h, w)
-    data = np.random.default_rng(0).integers(200, 4000, size=(count, h, w)).astype(np.uint16)
-    data[0] = 1000 * (truth.astype(np.uint16) + 1)
-    data[:, :nodata_box, :nodata_box] = 0  # nodata in every band
-    truth[:nodata_box, :nodata_box] = 255
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=count, dtype="uint16",
-                       **(GEO | {"crs": crs}), tiled=True) as dst:
-        dst.write(data)
-    return truth
 
 
 def fake_predict(x: np.ndarray) -> np.ndarray:
@@ -137,17 +109,6 @@ def test_missing_s3_bucket_or_prefix_is_named(s3_server):
     boto3.client("s3").create_bucket(Bucket="empty-bucket")
     with pytest.raises(GeoclipError, match="s3://empty-bucket/scenes: no .tif scenes"):
         list_scenes("s3://empty-bucket/scenes")
-
-
-def register_champion(tmp_path: Path, tracking_uri: str, name: str) -> str:
-    """Log a tiny pyfunc to the server, register it as ``name`` and give it the champion alias."""
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("test-score")
-    with mlflow.start_run():
-        info = log_pyfunc(make_model_dir(tmp_path / "model"), synthetic_tiles(2))
-    version = mlflow.register_model(info.model_uri, name)
-    MlflowClient(tracking_uri).set_registered_model_alias(name, "champion", version.version)
-    return version.version
 
 
 def test_scenes_from_s3_scored_with_the_champion_back_to_s3(tmp_path, s3_server, mlflow_server, monkeypatch):

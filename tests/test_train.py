@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -19,67 +16,8 @@ from geoclip.config import params_from_dict
 from geoclip.errors import GeoclipError
 from geoclip.model import load_model
 from geoclip.train import launch, main, train
-
-CLASSES = ["Forest", "Industrial", "SeaLake"]
-
-
-def make_packs(prepared: Path, per_class: int = 30, size: int = 64, seed: int = 0) -> Path:
-    """Write tiny packs in the prepare format: per-class band means plus a per-class texture."""
-    rng = np.random.default_rng(seed)
-    spectra = rng.uniform(500, 4000, size=(len(CLASSES), 13))
-    yy, xx = np.mgrid[0:size, 0:size]
-    textures = [np.zeros((size, size)), np.sin(xx / 2.0) * 400, (yy // 8 + xx // 8) % 2 * 600.0]
-    n_val = n_test = max(1, per_class // 6)
-    prepared.mkdir(parents=True, exist_ok=True)
-    rows, packs = [], {"train": ([], []), "val": ([], []), "test": ([], [])}
-    for c, name in enumerate(CLASSES):
-        for i in range(per_class):
-            noise = rng.normal(0, 150, (13, size, size))
-            tile = spectra[c][:, None, None] * rng.uniform(0.8, 1.2) + textures[c] + noise
-            split = "val" if i < n_val else "test" if i < n_val + n_test else "train"
-            packs[split][0].append(np.clip(tile, 1, 20000).astype(np.uint16))
-            packs[split][1].append(c)
-            rows.append({"id": f"{name}_{i}", "path": f"tiles/{name}/{name}_{i}.tif", "class": name,
-                         "label": c, "split": split})
-    for split, (imgs, labels) in packs.items():
-        np.save(prepared / f"{split}_images.npy", np.stack(imgs))
-        np.save(prepared / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
-    pd.DataFrame(rows).to_csv(prepared / "index.csv", index=False)
-    train_imgs = np.stack(packs["train"][0]).astype(np.float64)
-    bands = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A"]
-    (prepared / "stats.json").write_text(json.dumps({
-        "band_names": bands, "class_names": CLASSES, "mean": train_imgs.mean(axis=(0, 2, 3)).tolist(),
-        "std": train_imgs.std(axis=(0, 2, 3)).tolist()}))
-    return prepared
-
-
-def tiny_params_dict(root: Path, tracking_uri: str | None = None, **train) -> dict:
-    """Params for a seconds-long run on the tiny packs, everything under ``root``."""
-    return {
-        "classes": {"names": CLASSES},
-        "paths": {"prepared": str(root / "prepared"), "model": str(root / "model"), "eval": str(root / "eval")},
-        "train": {"image_encoder": "resnet10t", "embed_dim": 32, "epochs": 2, "batch_size": 32, "lr": 3e-3,
-                  "num_threads": 2, **train},
-        "evaluate": {"batch_size": 64},
-        "mlflow": {"tracking_uri": tracking_uri or f"sqlite:///{root}/mlflow.db",
-                   "artifact_location": str(root / "mlartifacts"), "experiment": "geoclip-test"},
-    }
-
-
-@contextlib.contextmanager
-def own_tracking_store():
-    """Let params choose the MLflow store, and leave no trace for later tests.
-
-    ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``, which then wins over params in
-    ``MlflowConfig.resolved_tracking_uri``: clear it before, and restore the environment after.
-    """
-    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(None)  # also unsets the exported variable
-        if old is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = old
+from factories import PACK_CLASSES as CLASSES
+from factories import make_packs, own_tracking_store, tiny_params_dict
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,150 @@
+"""Shared test factories: tiny models, packs, scenes and registered champions (imported by several test files)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import rasterio
+import torch
+from mlflow import MlflowClient
+from rasterio.transform import from_origin
+
+from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASSES
+from geoclip.model import GeoCLIP, ModelConfig, load_model, save_model
+from geoclip.pyfunc import log_pyfunc
+from geoclip.tiles import discover_tiles, read_tile
+
+TINY_ENCODER = "test_resnet"  # timm's 0.4M-parameter test net: fast to build, log and run
+
+
+def make_model_dir(path: Path, seed: int = 0, embed_dim: int = 32) -> Path:
+    """Save a tiny untrained GeoCLIP (random prompt features, no sentence encoder) into ``path``."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(image_encoder=TINY_ENCODER, embed_dim=embed_dim, band_names=list(ALL_BAND_NAMES),
+                      class_names=list(EUROSAT_CLASSES), prompts=[[f"an image of {c}."] for c in EUROSAT_CLASSES],
+                      band_mean=[1500.0] * 13, band_std=[800.0] * 13)
+    save_model(GeoCLIP(cfg, prompt_features=torch.randn(len(EUROSAT_CLASSES), 1, 384)), path)
+    return path
+
+
+def synthetic_tiles(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random uint16 tiles ``(n, 13, 64, 64)`` in a Sentinel-2-like value range."""
+    return np.random.default_rng(seed).integers(200, 4000, size=(n, 13, 64, 64)).astype(np.uint16)
+
+
+def real_batch(folder: Path, n: int) -> np.ndarray:
+    """The first ``n`` real EuroSAT_MS tiles, one per class in turn."""
+    df = discover_tiles(folder).groupby("class").head(1).head(n)
+    return np.stack([read_tile(p) for p in df["path"]]).astype(np.uint16)
+
+
+def torch_predict(model_dir: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The torch model's own probabilities and embeddings for raw tiles."""
+    probs, emb = load_model(model_dir).predict(torch.from_numpy(x.astype(np.float32)))
+    return probs.numpy(), emb.numpy()
+
+
+PACK_CLASSES = ["Forest", "Industrial", "SeaLake"]  # classes of the tiny packs
+
+
+def make_packs(prepared: Path, per_class: int = 30, size: int = 64, seed: int = 0) -> Path:
+    """Write tiny packs in the prepare format: per-class band means plus a per-class texture."""
+    rng = np.random.default_rng(seed)
+    spectra = rng.uniform(500, 4000, size=(len(PACK_CLASSES), 13))
+    yy, xx = np.mgrid[0:size, 0:size]
+    textures = [np.zeros((size, size)), np.sin(xx / 2.0) * 400, (yy // 8 + xx // 8) % 2 * 600.0]
+    n_val = n_test = max(1, per_class // 6)
+    prepared.mkdir(parents=True, exist_ok=True)
+    rows, packs = [], {"train": ([], []), "val": ([], []), "test": ([], [])}
+    for c, name in enumerate(PACK_CLASSES):
+        for i in range(per_class):
+            noise = rng.normal(0, 150, (13, size, size))
+            tile = spectra[c][:, None, None] * rng.uniform(0.8, 1.2) + textures[c] + noise
+            split = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+            packs[split][0].append(np.clip(tile, 1, 20000).astype(np.uint16))
+            packs[split][1].append(c)
+            rows.append({"id": f"{name}_{i}", "path": f"tiles/{name}/{name}_{i}.tif", "class": name,
+                         "label": c, "split": split})
+    for split, (imgs, labels) in packs.items():
+        np.save(prepared / f"{split}_images.npy", np.stack(imgs))
+        np.save(prepared / f"{split}_labels.npy", np.asarray(labels, dtype=np.int64))
+    pd.DataFrame(rows).to_csv(prepared / "index.csv", index=False)
+    train_imgs = np.stack(packs["train"][0]).astype(np.float64)
+    bands = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A"]
+    (prepared / "stats.json").write_text(json.dumps({
+        "band_names": bands, "class_names": PACK_CLASSES, "mean": train_imgs.mean(axis=(0, 2, 3)).tolist(),
+        "std": train_imgs.std(axis=(0, 2, 3)).tolist()}))
+    return prepared
+
+
+def tiny_params_dict(root: Path, tracking_uri: str | None = None, **train) -> dict:
+    """Params for a seconds-long run on the tiny packs, everything under ``root``."""
+    return {
+        "classes": {"names": PACK_CLASSES},
+        "paths": {"prepared": str(root / "prepared"), "model": str(root / "model"), "eval": str(root / "eval")},
+        "train": {"image_encoder": "resnet10t", "embed_dim": 32, "epochs": 2, "batch_size": 32, "lr": 3e-3,
+                  "num_threads": 2, **train},
+        "evaluate": {"batch_size": 64},
+        "mlflow": {"tracking_uri": tracking_uri or f"sqlite:///{root}/mlflow.db",
+                   "artifact_location": str(root / "mlartifacts"), "experiment": "geoclip-test"},
+    }
+
+
+@contextlib.contextmanager
+def own_tracking_store():
+    """Let params choose the MLflow store, and leave no trace for later tests.
+
+    ``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``, which then wins over params in
+    ``MlflowConfig.resolved_tracking_uri``: clear it before, and restore the environment after.
+    """
+    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # also unsets the exported variable
+        if old is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+BLOCK = 64  # class blocks aligned to the stride grid
+
+
+GEO = {"crs": "EPSG:32632", "transform": from_origin(500000, 5000000, 10, 10)}
+
+
+def block_classes(h: int, w: int) -> np.ndarray:
+    """Ground truth: 64-pixel blocks whose classes differ from every neighbour's (``(i + 2j) % 10``)."""
+    i, j = np.meshgrid(np.arange(h) // BLOCK, np.arange(w) // BLOCK, indexing="ij")
+    return ((i + 2 * j) % len(EUROSAT_CLASSES)).astype(np.uint8)
+
+
+def write_scene(path: Path, h: int = 256, w: int = 240, count: int = 13, crs: str = "EPSG:32632",
+                nodata_box: int = 40) -> np.ndarray:
+    """A georeferenced uint16 scene whose band 0 encodes the block class (1000 * (class + 1)); return the truth."""
+    truth = block_classes(h, w)
+    data = np.random.default_rng(0).integers(200, 4000, size=(count, h, w)).astype(np.uint16)
+    data[0] = 1000 * (truth.astype(np.uint16) + 1)
+    data[:, :nodata_box, :nodata_box] = 0  # nodata in every band
+    truth[:nodata_box, :nodata_box] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=count, dtype="uint16",
+                       **(GEO | {"crs": crs}), tiled=True) as dst:
+        dst.write(data)
+    return truth
+
+
+def register_champion(tmp_path: Path, tracking_uri: str, name: str) -> str:
+    """Log a tiny pyfunc to the server, register it as ``name`` and give it the champion alias."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("test-score")
+    with mlflow.start_run():
+        info = log_pyfunc(make_model_dir(tmp_path / "model"), synthetic_tiles(2))
+    version = mlflow.register_model(info.model_uri, name)
+    MlflowClient(tracking_uri).set_registered_model_alias(name, "champion", version.version)
+    return version.version
