@@ -12,6 +12,7 @@ from tqdm import tqdm
 from geoclip.config import Params
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_path, write_json
+from geoclip.model import predict_batches
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.json"  # kept apart so `dvc metrics show` stays one line of scalars
@@ -19,24 +20,11 @@ CONFUSION_CSV = "confusion.csv"
 CONFUSION_PNG = "confusion.png"
 
 
-@torch.no_grad()
 def predict_probs(model, images: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
                   desc: str | None = None) -> np.ndarray:
     """Class probabilities ``(N, C)`` for raw tiles ``(N, B, H, W)``, in batches (eval mode, bf16 on CUDA)."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    model.eval()
-    out = []
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None):
-        x = torch.from_numpy(np.array(images[start:start + batch_size]))
-        if cuda:  # uint16 has only partial kernel support on CUDA
-            x = x.to(torch.int32).to(device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            probs, _ = model.predict(x)
-        out.append(probs.float().cpu().numpy())
-    n_classes = len(model.cfg.class_names)
-    return np.concatenate(out) if out else np.zeros((0, n_classes), dtype=np.float32)
+    progress = (lambda it: tqdm(it, desc=desc, unit="batch")) if desc else None
+    return predict_batches(model, images, batch_size, device, progress=progress)[0]
 
 
 def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:

@@ -92,6 +92,33 @@ class GeoCLIP(nn.Module):
         return (scale * img @ self.class_embeddings().T).softmax(dim=-1), img
 
 
+@torch.no_grad()
+def predict_batches(model: GeoCLIP, images: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
+                    band_idx: list[int] | None = None, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``(N, C)`` and embeddings ``(N, D)`` (float32) for raw tiles, in bounded batches.
+
+    The one inference loop shared by evaluation and the served pyfunc, so both compute the same numbers.
+    ``band_idx`` picks the model's bands from wider input; ``progress`` wraps the batch starts (e.g. tqdm).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    model.eval()
+    probs, embs = [], []
+    starts = range(0, len(images), batch_size)
+    for start in (progress(starts) if progress else starts):
+        chunk = np.asarray(images[start:start + batch_size])
+        x = torch.from_numpy(chunk[:, band_idx] if band_idx is not None else np.array(chunk))
+        # uint16 has partial kernel support; channels_last makes oneDNN / cuDNN convolutions faster.
+        x = x.to(torch.int32 if cuda else torch.float32).to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            p, e = model.predict(x)
+        probs.append(p.float().cpu().numpy())
+        embs.append(e.float().cpu().numpy())
+    if not probs:  # an empty input still answers with the right widths
+        return (np.zeros((0, len(model.cfg.class_names)), np.float32), np.zeros((0, model.cfg.embed_dim), np.float32))
+    return np.concatenate(probs), np.concatenate(embs)
+
+
 def build_model(cfg: ModelConfig, seed: int | None = None) -> GeoCLIP:
     """Build a model and fill its prompt features from the frozen sentence encoder.
 

@@ -44,22 +44,14 @@ class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict | None = None) -> dict[str, np.ndarray]:
         """Class probabilities ``(N, C)`` and unit embeddings ``(N, D)``, both float32, in bounded batches."""
+        from geoclip.model import predict_batches
+
         x = np.asarray(model_input)
         if x.ndim != 4 or x.shape[1] != len(ALL_BAND_NAMES):
             raise GeoclipError(f"model input: shape {x.shape}, expected (N, {len(ALL_BAND_NAMES)}, H, W)")
         batch = int((params or {}).get("batch_size") or DEFAULT_BATCH)
-        probs, embs = [], []
-        with torch.inference_mode():
-            for start in range(0, len(x), batch):
-                chunk = torch.from_numpy(x[start:start + batch][:, self.band_idx].astype(np.float32))
-                p, e = self.model.predict(chunk.to(self.device).contiguous(memory_format=torch.channels_last))
-                probs.append(p.cpu().numpy())
-                embs.append(e.cpu().numpy())
-        if not probs:  # an empty batch still answers with the right widths
-            probs = [np.zeros((0, len(self.model.cfg.class_names)), np.float32)]
-            embs = [np.zeros((0, self.model.cfg.embed_dim), np.float32)]
-        return {"probabilities": np.concatenate(probs).astype(np.float32),
-                "embeddings": np.concatenate(embs).astype(np.float32)}
+        probs, embs = predict_batches(self.model, x, batch, self.device, band_idx=self.band_idx)
+        return {"probabilities": probs, "embeddings": embs}
 
 
 def _pinned(package: str) -> str:
