@@ -1,4 +1,4 @@
-"""Prefect flow for training: validate -> prepare -> train -> evaluate -> register, the same library calls as DVC."""
+"""Prefect flow for training: ingest -> validate -> prepare -> train -> evaluate -> register, the same library calls as DVC."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ from flows import transient
 from geoclip.config import load_params
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient}
+
+
+@task(**IO_RETRIES)
+def ingest_task(params_path: str) -> dict:
+    """Bring the tiles from ingest.source (synthetic, folder, manifest, s3://) into the raw folder."""
+    from geoclip.ingest import ingest
+
+    return ingest(load_params(params_path))
 
 
 @task(**IO_RETRIES)
@@ -56,9 +64,11 @@ def register_task(params_path: str) -> dict:
 
 
 @flow(name="geoclip-training", log_prints=True)
-def training_flow(params_path: str = "params.yaml") -> dict:
-    """Validate, prepare, train, evaluate and register; return the registration record."""
+def training_flow(params_path: str = "params.yaml", ingest: bool = True) -> dict:
+    """Ingest (unless ``ingest`` is false: raw data already in place), validate, prepare, train, evaluate, register."""
     load_params(params_path)  # fail fast on bad params, before any task
+    if ingest:
+        ingest_task(params_path)
     validate_task(params_path)
     prepare_task(params_path)
     run_id = train_task(params_path)

@@ -16,11 +16,11 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def cmd_synth(args) -> None:
-    """Generate the synthetic EuroSAT-like tiles and scenes."""
-    from geoclip.synth import generate
+def cmd_ingest(args) -> None:
+    """Bring tiles from ingest.source (synthetic, folder, manifest, s3://) into paths.raw."""
+    from geoclip.ingest import ingest
 
-    _print(generate(load_params(args.params)))
+    _print(ingest(load_params(args.params)))
 
 
 def cmd_calibrate(args) -> None:
@@ -34,13 +34,6 @@ def cmd_calibrate(args) -> None:
     calibrate(Path(args.real), tiles, Path(args.out))
     samples = draw_samples(Path(args.real), tiles, Path(args.out).with_name("samples.png"))
     print(f"wrote {args.out} and {samples}")
-
-
-def cmd_labels(args) -> None:
-    """Write labels.csv for tiles already under paths.raw/tiles/<Class>/ (e.g. a real EuroSAT_MS download)."""
-    from geoclip.tiles import write_labels
-
-    print(f"wrote {write_labels(load_params(args.params).paths.raw, overwrite=args.overwrite)}")
 
 
 def cmd_validate(args) -> None:
@@ -102,6 +95,17 @@ def cmd_predict(args) -> None:
     print(f"wrote {args.out} ({len(df)} tiles)")
 
 
+def cmd_storage(args) -> None:
+    """DVC storage: `configure` the S3 remote in .dvc/config.local, or print the data `version`."""
+    from geoclip.storage import configure_remote, data_version
+
+    params = load_params(args.params)
+    if args.action == "configure":
+        _print(configure_remote(params, args.repo))
+    else:
+        print(data_version(params.paths.prepared))
+
+
 def cmd_diagram(args) -> None:
     """Draw the architecture diagram."""
     from geoclip.diagram import draw_architecture
@@ -114,32 +118,36 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="geoclip", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    # --params is also accepted after the command name (SUPPRESS: an absent one keeps the value given before).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in [("synth", cmd_synth), ("validate", cmd_validate), ("prepare", cmd_prepare),
+    for name, fn in [("ingest", cmd_ingest), ("validate", cmd_validate), ("prepare", cmd_prepare),
                      ("evaluate", cmd_evaluate), ("register", cmd_register)]:
-        sub.add_parser(name, help=fn.__doc__).set_defaults(func=fn)
-    p = sub.add_parser("labels", help=cmd_labels.__doc__)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing labels.csv")
-    p.set_defaults(func=cmd_labels)
-    p = sub.add_parser("train", help=cmd_train.__doc__)
+        sub.add_parser(name, help=fn.__doc__, parents=[common]).set_defaults(func=fn)
+    p = sub.add_parser("train", help=cmd_train.__doc__, parents=[common])
     p.add_argument("--in-process", action="store_true", help="run in this process instead of torchrun")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("score", help=cmd_score.__doc__)
+    p = sub.add_parser("score", help=cmd_score.__doc__, parents=[common])
     p.add_argument("--model", default=None, help="model URI (default: score.model_uri)")
     p.add_argument("--scenes", default=None, help="folder or s3:// prefix of scenes (default: score.scenes)")
     p.add_argument("--out", default=None, help="output folder or s3:// prefix (default: paths.scores)")
     p.set_defaults(func=cmd_score)
-    p = sub.add_parser("predict", help=cmd_predict.__doc__)
+    p = sub.add_parser("predict", help=cmd_predict.__doc__, parents=[common])
     p.add_argument("tiles", help="EuroSAT_MS-layout folder, folder of tiles, or CSV manifest")
     p.add_argument("--model", default=None, help="MLflow model URI (default: score.model_uri)")
     p.add_argument("--out", default="preds.csv", help="output CSV (default: preds.csv)")
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_predict)
-    p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__)
+    p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__, parents=[common])
     p.add_argument("--real", default="../shared/data/eurosat_ms_dev", help="folder of real EuroSAT_MS tiles")
     p.add_argument("--out", default="docs/calibration.md")
     p.set_defaults(func=cmd_calibrate)
-    p = sub.add_parser("diagram", help=cmd_diagram.__doc__)
+    p = sub.add_parser("storage", help=cmd_storage.__doc__, parents=[common])
+    p.add_argument("action", choices=["configure", "version"])
+    p.add_argument("--repo", default=".", help="DVC repository folder (default: .)")
+    p.set_defaults(func=cmd_storage)
+    p = sub.add_parser("diagram", help=cmd_diagram.__doc__, parents=[common])
     p.add_argument("--out", default="docs/architecture.png")
     p.set_defaults(func=cmd_diagram)
     return parser

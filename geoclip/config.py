@@ -44,6 +44,17 @@ class ClassesConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    """Where the raw tiles come from and how their bands are ordered."""
+
+    # "synthetic" (generated, see synth), a folder (EuroSAT_MS <Class>/*.tif, EuroSATallBands .../tif/<Class>/*.tif),
+    # a .csv/.parquet manifest (path or URI, class, optional split, extra columns), or an s3:// prefix or manifest
+    source: str = "synthetic"
+    band_names: list[str] = field(default_factory=lambda: list(ALL_BAND_NAMES))  # the source files' band order
+    workers: int = 8  # parallel copies / downloads
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     """Synthetic EuroSAT-like tiles and large scenes."""
 
@@ -64,15 +75,20 @@ class ValidateConfig:
     max_value: int = 28000
     max_nodata_fraction: float = 0.05
     nodata_value: int = 0
+    min_tiles_per_class: int = 5  # fewer labelled tiles than this for a class fails validation
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Stratified splits and packing."""
+    """Stratified or spatially disjoint splits, and packing."""
 
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
+    split: str = "stratified"  # "stratified" per class, or "spatial": whole location blocks go to one split
+    spatial_block_m: float = 5000.0  # side of the square location blocks (CRS units, metres) for split: spatial
+    min_tiles_per_split: int = 1  # every class needs at least this many tiles in each split
+    workers: int = 4  # threads reading tiles while packing
 
 
 @dataclass(frozen=True)
@@ -126,6 +142,15 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """The DVC S3 remote; credentials come from the environment or a profile, never from params."""
+
+    remote: str = "s3"  # DVC remote name
+    url: str = "s3://geoclip-data/dvcstore"
+    endpoint_url: str = ""  # empty: AWS_ENDPOINT_URL from the environment, else AWS's own endpoint
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     """MLflow tracking; ``MLFLOW_TRACKING_URI`` in the environment wins over params."""
 
@@ -145,6 +170,7 @@ class Params:
     bands: list[str] = field(default_factory=lambda: list(ALL_BAND_NAMES))
     classes: ClassesConfig = field(default_factory=ClassesConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
@@ -152,6 +178,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
@@ -225,9 +252,14 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
 
 def _validate(p: Params, source: str) -> None:
     """Cross-field checks that types alone cannot express."""
-    bad = [b for b in p.bands if b not in ALL_BAND_NAMES]
-    if bad:
-        raise GeoclipError(f"bands: unknown band(s) {bad}; expected names from {list(ALL_BAND_NAMES)}")
+    if len(set(p.ingest.band_names)) != len(p.ingest.band_names) or not p.ingest.band_names:
+        raise GeoclipError(f"ingest.band_names: expected distinct band names, got {p.ingest.band_names}")
+    bad = [b for b in p.bands if b not in p.ingest.band_names]
+    if bad or not p.bands:
+        raise GeoclipError(f"bands: unknown band(s) {bad}; expected names from ingest.band_names "
+                           f"{list(p.ingest.band_names)}")
+    if p.prepare.split not in ("stratified", "spatial"):
+        raise GeoclipError(f"prepare.split: {p.prepare.split!r}; expected 'stratified' or 'spatial'")
     if len(set(p.classes.names)) != len(p.classes.names) or len(p.classes.names) < 2:
         raise GeoclipError(f"classes.names: expected at least two distinct names, got {p.classes.names}")
     if not p.classes.templates or any("{}" not in t for t in p.classes.templates):

@@ -12,10 +12,10 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 from geoclip.ioutils import atomic_path  # noqa: E402
 
-STAGES = ["synth /\ningest", "validate\n(Great Expectations)", "prepare\n(split, stats, pack)",
+STAGES = ["ingest\n(synthetic, folder,\nmanifest, s3://)", "validate\n(Great Expectations)", "prepare\n(split, stats, pack)",
           "train\n(torchrun DDP)", "evaluate", "register\n(gate: champion)", "score\n(sliding window)"]
-ARTIFACTS = ["data/raw\nGeoTIFF tiles,\nlabels, scenes", "reports/\nvalidation\nJSON + HTML",
-             "data/prepared\nuint16 packs,\nstats", "models/\nweights,\nrun.json", "eval/\nmetrics.json,\nconfusion",
+ARTIFACTS = ["data/raw\nGeoTIFF tiles,\nlabels, scenes", "reports/\nvalidation JSON,\nGE Data Docs",
+             "data/prepared\nuint16 packs,\nstats, index", "models/\nweights,\nrun.json", "eval/\nmetrics.json,\nconfusion",
              "MLflow registry\ngeoclip@champion", "outputs/scores\nCOG class maps,\narea JSON"]
 
 
@@ -48,11 +48,11 @@ def draw_architecture(out: Path) -> Path:
     ax.text(0.3, 6.5, "dvc repro  (stages in dvc.yaml, params in params.yaml, data cached by DVC, remote: local dir or S3)",
             fontsize=9, style="italic")
     # Orchestration and tracking.
-    _box(ax, 0.3, 2.3, 4.2, 1.0, "Prefect 3\ntraining.py: validate > prepare > train\n> evaluate > register (on demand)\n"
+    _box(ax, 0.3, 2.3, 4.2, 1.0, "Prefect 3\ntraining.py: ingest > validate > prepare > train\n> evaluate > register (on demand)\n"
          "scoring.py: cron, champion, map over scenes", "#d1e7dd")
     _box(ax, 4.9, 2.3, 4.2, 1.0, "MLflow (SQLite + artifacts)\nparams, metrics, plots, pyfunc model\n"
          "registry: geoclip@champion / @challenger", "#f8d7da")
-    _box(ax, 9.5, 2.3, 4.2, 1.0, "Storage\nlocal disk or S3 (boto3, dvc-s3, GDAL /vsis3/)\n"
+    _box(ax, 9.5, 2.3, 4.2, 1.0, "Storage\nlocal disk or S3 (boto3; DVC remote via dvc-s3)\n"
          "GeoTIFF / COG in and out, CRS kept", "#e2e3e5")
     # The model: two encoders feed one similarity, trained with the label-aware loss.
     _box(ax, 0.3, 1.0, 4.2, 0.8, "image encoder: raw uint16 (N, 13, 64, 64) -> normalise\n-> timm CNN (in_chans=13) -> projection",

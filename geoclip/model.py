@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from geoclip.bands import ALL_BAND_NAMES
 from geoclip.ioutils import atomic_path
 
 WEIGHTS_FILE = "model.pt"
@@ -33,6 +34,9 @@ class ModelConfig:
     text_dim: int = 384
     tile_size: int = 64
     init_temperature: float = 0.07
+    # The band order of the files the model is served on (the training data's bands.json); ``band_names``
+    # are picked from these by name, so a served model takes whole source files as they are.
+    input_band_names: list[str] = field(default_factory=lambda: list(ALL_BAND_NAMES))
 
 
 class GeoCLIP(nn.Module):

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from geoclip.bands import ALL_BAND_NAMES, band_indices
+from geoclip.bands import ALL_BAND_NAMES
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_path
 from geoclip.tiles import discover_tiles, read_tile
@@ -34,8 +34,8 @@ def predict_tiles(source: str | Path, model_uri: str, out_csv: str | Path, batch
     model = load_scoring_model(model_uri)
     meta = model_metadata(model)
     names = list(meta["class_names"])
-    # The model's input band order, located in the EuroSAT file order.
-    bands = band_indices(meta.get("input_band_names", ALL_BAND_NAMES), ALL_BAND_NAMES)
+    # Files come in the model's input band order (its training data's); the model picks its bands itself.
+    bands = list(range(len(meta.get("input_band_names", ALL_BAND_NAMES))))
     size = int(meta.get("tile_size", 64))
     paths = tiles["path"].tolist()
     probs = []

@@ -21,7 +21,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import geoclip
-from geoclip.bands import ALL_BAND_NAMES, band_indices
+from geoclip.bands import band_indices
 from geoclip.errors import GeoclipError
 
 ARTIFACT_KEY = "model_dir"
@@ -31,7 +31,7 @@ SERVING_PACKAGES = ("torch", "timm", "numpy", "mlflow")
 
 
 class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
-    """Serve a saved GeoCLIP: ``(N, 13, H, W)`` uint16 tiles in EuroSAT band order -> probabilities, embeddings."""
+    """Serve a saved GeoCLIP: ``(N, bands, H, W)`` uint16 tiles in the training data's band order -> probs, embeddings."""
 
     def load_context(self, context) -> None:
         """Load the saved model directory and work out which input bands it uses."""
@@ -40,15 +40,17 @@ class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # channels_last: oneDNN / cuDNN convolutions run faster in NHWC (about 10% here on CPU).
         self.model = load_model(context.artifacts[ARTIFACT_KEY]).to(self.device, memory_format=torch.channels_last)
-        self.band_idx = band_indices(self.model.cfg.band_names, ALL_BAND_NAMES)
+        self.band_idx = band_indices(self.model.cfg.band_names, tuple(self.model.cfg.input_band_names))
 
     def predict(self, context, model_input, params: dict | None = None) -> dict[str, np.ndarray]:
         """Class probabilities ``(N, C)`` and unit embeddings ``(N, D)``, both float32, in bounded batches."""
         from geoclip.model import predict_batches
 
         x = np.asarray(model_input)
-        if x.ndim != 4 or x.shape[1] != len(ALL_BAND_NAMES):
-            raise GeoclipError(f"model input: shape {x.shape}, expected (N, {len(ALL_BAND_NAMES)}, H, W)")
+        n_in = len(self.model.cfg.input_band_names)
+        if x.ndim != 4 or x.shape[1] != n_in:
+            raise GeoclipError(f"model input: shape {x.shape}, expected (N, {n_in}, H, W) with bands "
+                               f"{list(self.model.cfg.input_band_names)}")
         batch = int((params or {}).get("batch_size") or DEFAULT_BATCH)
         probs, embs = predict_batches(self.model, x, batch, self.device, band_idx=self.band_idx)
         return {"probabilities": probs, "embeddings": embs}
@@ -78,7 +80,7 @@ def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray) -> Iterator
 
     cfg = _model_config(model_dir)
     example = np.asarray(input_example)
-    expected = (len(ALL_BAND_NAMES), cfg.tile_size, cfg.tile_size)
+    expected = (len(cfg.input_band_names), cfg.tile_size, cfg.tile_size)
     if example.dtype != np.uint16 or example.ndim != 4 or example.shape[1:] != expected or len(example) < 2:
         raise GeoclipError(f"input example: {example.dtype} {example.shape}, expected uint16 (N>=2, {expected})")
     signature = ModelSignature(
@@ -103,7 +105,7 @@ def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray) -> Iterator
             code_paths=[str(code)],  # the model loads where geoclip is not installed
             pip_requirements=[_pinned(p) for p in SERVING_PACKAGES],
             metadata={"class_names": list(cfg.class_names), "band_names": list(cfg.band_names),
-                      "input_band_names": list(ALL_BAND_NAMES), "tile_size": cfg.tile_size,
+                      "input_band_names": list(cfg.input_band_names), "tile_size": cfg.tile_size,
                       "embed_dim": cfg.embed_dim, "image_encoder": cfg.image_encoder},
         )
 

@@ -14,7 +14,8 @@ from geoclip.bands import ALL_BAND_NAMES
 from geoclip.config import Params
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
-from geoclip.prepare import data_hash, load_split
+from geoclip.prepare import load_split
+from geoclip.storage import data_version
 from geoclip.tiles import read_tile
 from geoclip.tracking import git_revision, read_run_info
 
@@ -85,7 +86,7 @@ def register(params: Params) -> dict:
         model_info = log_pyfunc(params.paths.model, example, name="model")
     tags = {cfg.metric: repr(value), "metric": cfg.metric, "git_revision": git_revision(), "run_id": info["run_id"]}
     if (Path(params.paths.prepared) / "index.csv").exists():
-        tags["data_hash"] = data_hash(params.paths.prepared)
+        tags["data_version"] = data_version(params.paths.prepared)
     # Tags go in with the version: the gate never sees a version without its metric.
     version = mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags)
     client = MlflowClient()

@@ -29,6 +29,7 @@ PredictFn = Callable[[np.ndarray], np.ndarray]
 NODATA_CLASS = 255
 COG_BLOCK = 256
 SCENE_SUFFIXES = (".tif", ".tiff")
+SCENE_DTYPE = "uint16"  # the digital numbers the model reads (also the scenes suite's dtype rule)
 SUMMARY_FILE = "summary.json"
 
 
@@ -59,7 +60,8 @@ def pixel_area_m2(src, scene: Path | str) -> float:
 
 
 def _open_scene(scene: Path, n_bands: int, window: int):
-    """Open a scene and check bands, dtype and size against the model."""
+    """Open a scene and check bands, dtype and size against the model (a guard for direct callers of score_scene;
+    score_one and score_scenes first run the scenes suite, :func:`check_scenes`, on the same rules)."""
     try:
         src = rasterio.open(scene)
     except RasterioIOError as exc:
@@ -70,9 +72,9 @@ def _open_scene(scene: Path, n_bands: int, window: int):
     if src.height < window or src.width < window:
         src.close()
         raise GeoclipError(f"{scene}: {src.width}x{src.height} pixels is smaller than one {window}x{window} window")
-    if src.dtypes[0] != "uint16":
+    if src.dtypes[0] != SCENE_DTYPE:
         src.close()
-        raise GeoclipError(f"{scene}: dtype {src.dtypes[0]}, expected uint16 digital numbers")
+        raise GeoclipError(f"{scene}: dtype {src.dtypes[0]}, expected {SCENE_DTYPE} digital numbers")
     return src
 
 
@@ -276,8 +278,38 @@ def _truth_uri(scene_uri: str) -> str:
     return f"{parent}/truth/{Path(scene_uri).stem}_truth.tif"
 
 
-def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: str | None = None) -> dict:
-    """Score one local or S3 scene with a loaded pyfunc; write outputs to a local folder or S3 prefix."""
+def check_scenes(params: Params, scenes: list[Path], n_bands: int, names: list[str] | None = None,
+                 report: bool = False) -> None:
+    """Run the scenes suite on local scene files (``names``: what to call them); GeoclipError before any scoring.
+
+    ``report`` also writes ``scenes_validation.json`` and the scenes Data Docs under ``paths.reports``.
+    """
+    from geoclip.validate import validate_scenes
+
+    reports = Path(params.paths.reports) if report else None
+    validate_scenes(scenes, n_bands, params.score.window, reports, names=names, dtype=SCENE_DTYPE)
+
+
+def model_input_bands(model_uri: str) -> list[str]:
+    """The band names a logged geoclip pyfunc reads, from its MLmodel metadata (the model itself is not loaded)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    try:
+        meta = get_model_info(model_uri).metadata or {}
+    except (MlflowException, OSError) as exc:
+        raise GeoclipError(f"{model_uri}: cannot load the model ({str(exc).splitlines()[0]})") from exc
+    if not meta.get("input_band_names"):
+        raise GeoclipError(f"{model_uri}: no input_band_names in its metadata; expected a model logged by geoclip.pyfunc")
+    return list(meta["input_band_names"])
+
+
+def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: str | None = None,
+              checked: bool = False) -> dict:
+    """Score one local or S3 scene with a loaded pyfunc; write outputs to a local folder or S3 prefix.
+
+    The scene first passes the scenes suite, unless ``checked`` says a local scene already did.
+    """
     from geoclip.pyfunc import model_metadata
 
     meta = model_metadata(model)
@@ -289,12 +321,15 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
     kwargs = dict(class_names=meta["class_names"], window=cfg.window, stride=cfg.stride, batch_size=cfg.batch_size,
                   nodata=cfg.nodata, n_bands=len(meta["input_band_names"]), model_uri=model_uri,
                   scene_name=str(scene_uri), quicklook=cfg.quicklook)
+    if not s3.is_s3(scene_uri) and not checked:
+        check_scenes(params, [Path(scene_uri)], kwargs["n_bands"])
     if not s3.is_s3(scene_uri) and not s3.is_s3(out_uri):
         return score_scene(predict_fn, Path(scene_uri), Path(out_uri), **kwargs)
     with tempfile.TemporaryDirectory(prefix="geoclip-score-") as tmp:
         scene = Path(scene_uri)
         if s3.is_s3(scene_uri):
             scene = s3.download(scene_uri, Path(tmp, "scenes", Path(scene_uri).name))
+            check_scenes(params, [scene], kwargs["n_bands"], names=[scene_uri])
             if s3.exists(_truth_uri(scene_uri)):
                 s3.download(_truth_uri(scene_uri), Path(tmp, "truth", f"{scene.stem}_truth.tif"))
         else:
@@ -339,11 +374,14 @@ def score_scenes(params: Params, model_uri: str | None = None, source: str | Non
     """Score every scene of a folder or S3 prefix with the registered model; write per-scene and overall summaries."""
     from geoclip.tracking import configure
 
+    scenes = list_scenes(source or params.score.scenes)  # a missing folder or bucket fails before anything else
     configure(params)
     uri = resolve_model_uri(model_uri or params.score.model_uri)
+    local = [Path(s) for s in scenes if not s3.is_s3(s)]
+    if local:  # every local scene passes the scenes suite before the model is loaded or any scene scored
+        check_scenes(params, local, len(model_input_bands(uri)), report=True)
     model = load_scoring_model(uri)
     out = str(out_dir or params.paths.scores)
-    results = [score_one(params, model, scene, out, model_uri=uri)
-               for scene in list_scenes(source or params.score.scenes)]
+    results = [score_one(params, model, scene, out, model_uri=uri, checked=not s3.is_s3(scene)) for scene in scenes]
     write_summary(results, out, uri)
     return results

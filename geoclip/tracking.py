@@ -83,3 +83,31 @@ def read_run_info(params: Params) -> dict:
     info = json.loads(path.read_text())
     configure(params)
     return info
+
+
+VALIDATION_ARTIFACTS = "validation"
+
+
+def log_validation(params: Params) -> list[str]:
+    """Attach the data-validation results (JSON, Data Docs, split checks) to the active run; return what was logged.
+
+    A model then leads back not only to its data version but to the proof that this data passed its checks.
+    """
+    reports, prepared = Path(params.paths.reports), Path(params.paths.prepared)
+    logged = []
+    for path in (reports / "validation.json", reports / "validation.html"):
+        if path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=VALIDATION_ARTIFACTS)
+            logged.append(path.name)
+    for site in ("data_docs", "data_docs_splits"):  # Great Expectations Data Docs of validate and prepare
+        if (reports / site).is_dir():
+            mlflow.log_artifacts(str(reports / site), artifact_path=f"{VALIDATION_ARTIFACTS}/{site}")
+            logged.append(site)
+    splits = prepared / "validation.json"
+    if splits.is_file():
+        mlflow.log_artifact(str(splits), artifact_path=f"{VALIDATION_ARTIFACTS}/splits")
+        logged.append("splits/validation.json")
+    summary = reports / "validation.json"
+    if summary.is_file():
+        mlflow.set_tag("validation_success", str(json.loads(summary.read_text()).get("success", False)).lower())
+    return logged

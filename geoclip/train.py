@@ -29,8 +29,9 @@ from geoclip.evaluate import predict_probs
 from geoclip.ioutils import atomic_path, write_json
 from geoclip.loss import MAX_LOGIT_SCALE, label_aware_clip_loss
 from geoclip.model import GeoCLIP, ModelConfig, build_model, save_model
-from geoclip.prepare import PreparedData, data_hash, load_split
-from geoclip.tracking import configure, flat_params, git_revision, write_run_info
+from geoclip.prepare import PreparedData, load_split
+from geoclip.storage import data_version
+from geoclip.tracking import configure, flat_params, git_revision, log_validation, write_run_info
 
 HISTORY_FILE = "history.json"
 CURVE_FILE = "training_curve.png"
@@ -68,13 +69,14 @@ def model_config(params: Params, data: PreparedData) -> ModelConfig:
     return ModelConfig(image_encoder=name, embed_dim=params.train.embed_dim, band_names=list(params.bands),
                        class_names=list(names), prompts=[params.classes.prompts(c) for c in names],
                        band_mean=list(data.mean), band_std=list(data.std), tile_size=data.images.shape[-1],
-                       init_temperature=params.train.init_temperature)
+                       init_temperature=params.train.init_temperature,
+                       input_band_names=list(data.source_band_names))
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; join the process group when there are several ranks."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
@@ -156,13 +158,14 @@ def write_history(directory: Path, history: list[dict]) -> tuple[Path, Path]:
     return directory / HISTORY_FILE, directory / CURVE_FILE
 
 
-def _start_run(params: Params, data_sha: str):
+def _start_run(params: Params):
     """Start the MLflow run (rank 0) and log params and tags; returns the active-run context manager."""
+    data_ver = data_version(params.paths.prepared)  # DVC's hash of the packs, as in dvc.lock; rank 0 only
     run = mlflow.start_run(experiment_id=configure(params))
     try:
         mlflow.log_params(flat_params(params))
         mlflow.set_tags({"git_revision": git_revision(), "image_encoder": params.train.image_encoder,
-                         "data_hash": data_sha, "world_size": os.environ.get("WORLD_SIZE", "1")})
+                         "data_version": data_ver, "world_size": os.environ.get("WORLD_SIZE", "1")})
     except Exception:
         mlflow.end_run("FAILED")
         raise
@@ -176,6 +179,7 @@ def _log_results(params: Params, run, history: list[dict]) -> None:
         mlflow.log_artifact(str(path))
     for name in ("model.pt", "model_config.json"):
         mlflow.log_artifact(str(model_dir / name), artifact_path="model")
+    log_validation(params)
     write_run_info(params, run.info.run_id, run.info.experiment_id)
 
 
@@ -227,7 +231,6 @@ def train(params: Params) -> dict:
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     train_data, val_data = _load_data(params)
-    data_sha = data_hash(params.paths.prepared)
     mcfg = model_config(params, train_data)
     rank, world, device = _init_distributed()
     try:
@@ -247,7 +250,7 @@ def train(params: Params) -> dict:
         warmup = max(1, round(cfg.warmup_fraction * total))
         opt = _optimizer(model, params)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
-        run_ctx = _start_run(params, data_sha) if rank == 0 else contextlib.nullcontext()
+        run_ctx = _start_run(params) if rank == 0 else contextlib.nullcontext()
         with run_ctx as run:
             history, best_state, best = [], None, -1.0
             for epoch in range(1, cfg.epochs + 1):

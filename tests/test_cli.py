@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_every_pipeline_step_has_a_subcommand():
     choices = build_parser()._subparsers._group_actions[0].choices
-    for step in ["synth", "validate", "prepare", "train", "evaluate", "register", "score", "predict"]:
+    for step in ["ingest", "validate", "prepare", "train", "evaluate", "register", "score", "predict"]:
         assert step in choices
 
 
@@ -44,3 +44,10 @@ def test_diagram_is_generated(tmp_path):
     out = tmp_path / "arch.png"
     assert main(["diagram", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_params_is_accepted_after_the_command_too(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("prepare:\n  split: random\n")
+    assert main(["prepare", "--params", str(bad)]) == 2
+    assert "prepare.split: 'random'; expected 'stratified' or 'spatial'" in capsys.readouterr().err

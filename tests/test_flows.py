@@ -89,9 +89,6 @@ def test_scoring_flow_fails_on_a_missing_scene_folder(tmp_path, mlflow_server, p
 @pytest.mark.slow
 def test_training_flow_runs_the_pipeline_and_registers(tmp_path, mlflow_server, prefect_harness, monkeypatch):
     from flows.training import training_flow
-    from geoclip.config import load_params
-    from geoclip.synth import generate
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     name = f"geoclip-{uuid.uuid4().hex[:8]}"
     params_path = write_params(tmp_path / "params.yaml", {
@@ -102,9 +99,9 @@ def test_training_flow_runs_the_pipeline_and_registers(tmp_path, mlflow_server, 
         "register": {"model_name": name},
         "mlflow": {"tracking_uri": mlflow_server, "experiment": "test-flows"},
     })
-    generate(load_params(params_path))
+    registered = training_flow(params_path=params_path)  # ingest.source: synthetic
 
-    registered = training_flow(params_path=params_path)
+    assert json.loads((tmp_path / "raw" / "bands.json").read_text())["band_names"][0] == "B01"
 
     assert (registered["name"], registered["version"], registered["alias"]) == (name, "1", "champion")
     assert json.loads((tmp_path / "model" / "registered.json").read_text()) == registered

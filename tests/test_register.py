@@ -15,6 +15,7 @@ from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASSES
 from geoclip.config import params_from_dict
 from geoclip.errors import GeoclipError
 from geoclip.register import register
+from geoclip.storage import data_version
 from geoclip.tracking import configure, write_run_info
 from factories import make_model_dir, synthetic_tiles
 
@@ -67,7 +68,7 @@ def test_champion_moves_only_on_a_strictly_better_metric(params):
     assert json.loads((Path(params.paths.model) / "registered.json").read_text()) == first
     tags = client.get_model_version(name, "1").tags
     assert float(tags["val_top1"]) == 0.6 and tags["run_id"] == run1
-    assert tags["git_revision"] and len(tags["data_hash"]) == 64
+    assert tags["git_revision"] and tags["data_version"] == data_version(params.paths.prepared)
     assert client.get_model_version(name, "1").run_id == run1
 
     trained(params, 0.6)  # equal is not better

@@ -81,3 +81,54 @@ def test_write_labels_for_a_eurosat_download(tmp_path):
     with pytest.raises(GeoclipError, match="labels.csv: already exists; pass --overwrite"):
         write_labels(tmp_path)
     assert write_labels(tmp_path, overwrite=True) == out
+
+
+def test_nested_eurosat_allbands_layout(tmp_path):
+    nested = tmp_path / "EuroSATallBands/ds/images/remote_sensing/otherDatasets/sentinel_2/tif"
+    for name in ["AnnualCrop", "River"]:
+        write_tile(nested / name / f"{name}_1.tif", np.ones((13, 8, 8), "uint16"))
+    write_tile(tmp_path / "__MACOSX" / "AnnualCrop" / "._AnnualCrop_1.tif", np.ones((13, 8, 8), "uint16"))
+    df = discover_tiles(tmp_path)
+    assert dict(zip(df["id"], df["class"])) == {"AnnualCrop_1": "AnnualCrop", "River_1": "River"}
+    assert df.loc[0, "path"] == str(nested / "AnnualCrop" / "AnnualCrop_1.tif")
+
+
+def test_several_layouts_are_refused(tmp_path):
+    for split in ["train", "test"]:
+        write_tile(tmp_path / split / "Forest" / "a.tif", np.ones((13, 8, 8), "uint16"))
+    with pytest.raises(GeoclipError, match=r"more than one layout \(test/<Class>/, train/<Class>/\)"):
+        discover_tiles(tmp_path)
+
+
+def test_layout_of_s3_keys():
+    from geoclip.tiles import layout_tiles
+
+    df = layout_tiles(["x/tif/Forest/Forest_1.tif", "x/tif/Forest/notes.txt", "x/readme.md"], "s3://b/p")
+    assert df.to_dict("records") == [{"path": "s3://b/p/x/tif/Forest/Forest_1.tif", "class": "Forest"}]
+
+
+def test_parquet_manifest_with_uri_column(tmp_path):
+    write_tile(tmp_path / "t.tif", np.ones((13, 8, 8), "uint16"))
+    pd.DataFrame({"uri": ["t.tif", "s3://b/k/u.tif"], "class": ["Forest", None], "id": [1, 2],
+                  "x": [1.5, 2.5]}).to_parquet(tmp_path / "m.parquet")
+    df = discover_tiles(tmp_path / "m.parquet")
+    assert list(df["path"]) == [str(tmp_path / "t.tif"), "s3://b/k/u.tif"]
+    assert list(df["id"]) == ["1", "2"] and pd.isna(df.loc[1, "class"]) and list(df["x"]) == [1.5, 2.5]
+
+
+def test_manifest_row_without_path(tmp_path):
+    (tmp_path / "m.csv").write_text("path,class\na.tif,Forest\n,River\n")
+    with pytest.raises(GeoclipError, match="m.csv: row 2 has no path"):
+        discover_tiles(tmp_path / "m.csv")
+
+
+def test_band_descriptions(tmp_path):
+    import rasterio
+
+    from geoclip.tiles import band_descriptions
+
+    path = write_tile(tmp_path / "t.tif", np.ones((2, 4, 4), "uint16"))
+    assert band_descriptions(path) is None
+    with rasterio.open(path, "r+") as dst:
+        dst.set_band_description(2, "B08")
+    assert band_descriptions(path) == ["", "B08"]

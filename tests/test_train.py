@@ -15,6 +15,7 @@ from geoclip.augment import augment
 from geoclip.config import params_from_dict
 from geoclip.errors import GeoclipError
 from geoclip.model import load_model
+from geoclip.storage import data_version
 from geoclip.train import launch, main, train
 from factories import PACK_CLASSES as CLASSES
 from factories import make_packs, own_tracking_store, tiny_params_dict
@@ -57,8 +58,8 @@ def test_train_logs_params_metrics_tags_and_artifacts(trained):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.image_encoder"] == "resnet10t"
     assert run.data.tags["image_encoder"] == "resnet10t"
-    expected_sha = __import__("hashlib").sha256((Path(params.paths.prepared) / "index.csv").read_bytes()).hexdigest()
-    assert run.data.tags["data_hash"] == expected_sha
+    assert run.data.tags["data_version"] == data_version(params.paths.prepared)  # DVC's hash of the packs
+    assert run.data.tags["data_version"].endswith(".dir") and "data_hash" not in run.data.tags
     assert run.data.tags["git_revision"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2]
     assert {"train_loss", "val_top1", "temperature", "lr"} <= set(run.data.metrics)
