@@ -55,10 +55,10 @@ def cmd_train(args) -> None:
     from geoclip import train
 
     if args.in_process:
-        _print(train.train(load_params(args.params)))
+        _print(train.train(load_params(args.params), resume=args.resume))
     else:
         load_params(args.params)  # fail fast on bad params before starting workers
-        train.launch(args.params)
+        train.launch(args.params, resume=args.resume)
 
 
 def cmd_evaluate(args) -> None:
@@ -106,6 +106,31 @@ def cmd_storage(args) -> None:
         print(data_version(params.paths.prepared))
 
 
+def cmd_export(args) -> None:
+    """Export the image encoder + class embeddings (TorchScript or ONNX), checked against PyTorch."""
+    from geoclip.export import export_model
+
+    params = load_params(args.params)
+    model_dir = args.model or params.paths.model
+    out = args.out or str(Path(model_dir) / "export")
+    _print(export_model(model_dir, out, fmt=args.format, prepared=params.paths.prepared))
+
+
+def cmd_fewshot(args) -> None:
+    """Adapt a trained model with k labelled tiles per class; print zero-shot vs adapted accuracy on the rest."""
+    from dataclasses import replace
+
+    from geoclip.fewshot import fewshot, format_table
+
+    params = load_params(args.params)
+    f = params.fewshot
+    params = replace(params, fewshot=replace(f, shots=f.shots if args.shots is None else args.shots,
+                                             method=args.method or f.method))
+    result = fewshot(params, args.tiles, args.model or params.score.model_uri, args.out)
+    print(format_table(result))
+    print(f"wrote {args.out}")
+
+
 def cmd_diagram(args) -> None:
     """Draw the architecture diagram."""
     from geoclip.diagram import draw_architecture
@@ -127,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=fn.__doc__, parents=[common]).set_defaults(func=fn)
     p = sub.add_parser("train", help=cmd_train.__doc__, parents=[common])
     p.add_argument("--in-process", action="store_true", help="run in this process instead of torchrun")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in paths.model")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("score", help=cmd_score.__doc__, parents=[common])
     p.add_argument("--model", default=None, help="model URI (default: score.model_uri)")
@@ -147,9 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["configure", "version"])
     p.add_argument("--repo", default=".", help="DVC repository folder (default: .)")
     p.set_defaults(func=cmd_storage)
+    p = sub.add_parser("fewshot", help=cmd_fewshot.__doc__, parents=[common])
+    p.add_argument("tiles", help="labelled tiles: EuroSAT_MS-layout folder or CSV/Parquet manifest with a class column")
+    p.add_argument("--model", default=None, help="model folder or MLflow URI (default: score.model_uri)")
+    p.add_argument("--shots", type=int, default=None, help="tiles per class to adapt on (default: fewshot.shots)")
+    p.add_argument("--method", choices=["linear_probe", "projection", "both"], default=None,
+                   help="adaptation method (default: fewshot.method)")
+    p.add_argument("--out", default="eval/fewshot.json", help="output JSON (default: eval/fewshot.json)")
+    p.set_defaults(func=cmd_fewshot)
     p = sub.add_parser("diagram", help=cmd_diagram.__doc__, parents=[common])
     p.add_argument("--out", default="docs/architecture.png")
     p.set_defaults(func=cmd_diagram)
+    p = sub.add_parser("export", help=cmd_export.__doc__, parents=[common])
+    p.add_argument("--model", default=None, help="saved model folder (default: paths.model)")
+    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    p.add_argument("--out", default=None, help="output folder (default: <model>/export)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

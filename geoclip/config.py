@@ -108,6 +108,13 @@ class TrainConfig:
     num_threads: int = 0  # 0: let torch decide
     warmup_fraction: float = 0.1  # share of all steps with a linear learning-rate warmup
     gain_noise: float = 0.05  # std of the random per-band gain in augmentation (0: off)
+    loss: str = "clip"  # "clip": label-aware softmax contrastive; "siglip": pairwise sigmoid
+    encoder_args: dict[str, int | float | str | bool] = field(default_factory=dict)  # extra timm kwargs
+    init_weights: str = ""  # local weights file for the image encoder ("" = random init)
+    text_finetune: bool = False  # also fine-tune the sentence encoder (default: frozen, projection trained)
+    checkpoint_every: int = 0  # optimiser steps between resumable checkpoints (0: only at each epoch end)
+    patience: int = 0  # early stopping: epochs without a better val_top1 before stopping (0: off)
+    holdout_class: str = ""  # unseen-class experiment: train without this class's tiles ("" = off)
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,18 @@ class EvaluateConfig:
     """Evaluation on the held-out test split."""
 
     batch_size: int = 256
+    ece_bins: int = 15  # confidence bins of the calibration (reliability) figure
+
+
+@dataclass(frozen=True)
+class FewshotConfig:
+    """Adapting a trained model with k labelled tiles per class."""
+
+    shots: int = 5
+    seed: int = 0
+    method: str = "linear_probe"  # "linear_probe" on frozen image embeddings, or "projection" fine-tune
+    epochs: int = 100
+    lr: float = 1.0e-3
 
 
 @dataclass(frozen=True)
@@ -176,6 +195,7 @@ class Params:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -258,6 +278,12 @@ def _validate(p: Params, source: str) -> None:
     if bad or not p.bands:
         raise GeoclipError(f"bands: unknown band(s) {bad}; expected names from ingest.band_names "
                            f"{list(p.ingest.band_names)}")
+    if p.train.loss not in ("clip", "siglip"):
+        raise GeoclipError(f"train.loss: {p.train.loss!r}; expected 'clip' or 'siglip'")
+    if p.train.holdout_class and p.train.holdout_class not in p.classes.names:
+        raise GeoclipError(f"train.holdout_class: {p.train.holdout_class!r} is not in classes.names")
+    if p.fewshot.method not in ("linear_probe", "projection"):
+        raise GeoclipError(f"fewshot.method: {p.fewshot.method!r}; expected 'linear_probe' or 'projection'")
     if p.prepare.split not in ("stratified", "spatial"):
         raise GeoclipError(f"prepare.split: {p.prepare.split!r}; expected 'stratified' or 'spatial'")
     if len(set(p.classes.names)) != len(p.classes.names) or len(p.classes.names) < 2:

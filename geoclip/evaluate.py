@@ -1,4 +1,4 @@
-"""Evaluate the trained model on the test split: accuracy, macro-F1, confusion, colour-only baseline."""
+"""Evaluate the trained model on the test split: accuracy, macro-F1, confusion, retrieval, calibration, baselines."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.json"  # kept apart so `dvc metrics show` stays one line of scalars
 CONFUSION_CSV = "confusion.csv"
 CONFUSION_PNG = "confusion.png"
+CALIBRATION_CSV = "calibration.csv"  # reliability-diagram data (a DVC plot: x=confidence, y=accuracy)
+CALIBRATION_PNG = "calibration.png"
+RETRIEVAL_KS = (1, 5, 10)
 
 
 def predict_probs(model, images: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
@@ -47,13 +50,91 @@ def per_class_scores(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[s
     return per_class, float(np.mean(f1s))
 
 
-def write_confusion(directory: Path, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> None:
-    """Write ``confusion.csv`` (actual,predicted per test tile) and a ``confusion.png`` matrix, atomically."""
+def retrieval_scores(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
+                     ks: tuple[int, ...] = RETRIEVAL_KS) -> dict[str, float]:
+    """Text-to-tile retrieval: each class embedding queries the test tiles, ranked by cosine similarity.
+
+    Every class with at least one test tile is one query; its relevant items are ALL tiles of that
+    class (many per query, unlike caption retrieval's one image per caption). Averaged over queries:
+
+    - ``retrieval_precision_at_k``: share of the top-``k`` tiles that are of the query's class — how
+      clean a "show me k tiles of <class>" answer is; the informative figure here.
+    - ``retrieval_hit_at_k``: 1 when at least one of the top-``k`` is of the class. This is exactly the
+      "text-to-image recall@k" of CLIP/COCO benchmarks (share of queries whose relevant item is in the
+      top k), generalised to several relevant items; with few classes and many tiles it saturates fast.
+    - ``retrieval_map``: mean average precision over the whole ranking (uses every relevant tile).
+
+    The literal recall ``|relevant in top k| / |relevant|`` is not reported: with hundreds of tiles per
+    class it is bounded by ``k / n_class`` and says little. ``k`` larger than the tile count is cut to it.
+    """
+    labels = np.asarray(labels)
+    sims = np.asarray(image_emb, np.float64) @ np.asarray(class_emb, np.float64).T  # (N, C)
+    queries = [c for c in range(sims.shape[1]) if (labels == c).any()]
+    if not queries:
+        raise ValueError("retrieval needs at least one tile with a label")
+    precision = {k: [] for k in ks}
+    hit = {k: [] for k in ks}
+    aps = []
+    for c in queries:
+        relevant = labels[np.argsort(-sims[:, c], kind="stable")] == c
+        for k in ks:
+            top = relevant[:min(k, len(relevant))]
+            precision[k].append(top.mean())
+            hit[k].append(float(top.any()))
+        ranks = np.flatnonzero(relevant) + 1
+        aps.append(float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))
+    out = {f"retrieval_precision_at_{k}": float(np.mean(precision[k])) for k in ks}
+    out.update({f"retrieval_hit_at_{k}": float(np.mean(hit[k])) for k in ks})
+    out["retrieval_map"] = float(np.mean(aps))
+    return out
+
+
+def calibration_table(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> pd.DataFrame:
+    """Reliability-diagram data: per equal-width confidence bin, its bounds, count, mean confidence and accuracy.
+
+    Confidence is the top class probability; bins are ``(lower, upper]`` (the first also takes 0).
+    Empty bins have count 0 and NaN confidence/accuracy.
+    """
+    conf = probs.max(axis=1).astype(np.float64)
+    correct = (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
+        accuracy = np.bincount(idx, weights=correct, minlength=n_bins) / count
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return pd.DataFrame({"bin": np.arange(n_bins), "lower": edges[:-1], "upper": edges[1:], "count": count,
+                         "confidence": mean_conf, "accuracy": accuracy})
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """ECE: the count-weighted mean gap ``|accuracy - confidence|`` over the non-empty bins of ``table``."""
+    full = table[table["count"] > 0]
+    if full.empty:
+        raise ValueError("calibration needs at least one prediction")
+    return float((full["count"] * (full["accuracy"] - full["confidence"]).abs()).sum() / full["count"].sum())
+
+
+def _plt():
+    """Matplotlib's pyplot on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    """Save a figure atomically as PNG and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _plt().close(fig)
+
+
+def write_confusion(directory: Path, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> None:
+    """Write ``confusion.csv`` (actual,predicted per test tile) and a ``confusion.png`` matrix, atomically."""
+    plt = _plt()
     names = np.asarray(class_names)
     with atomic_path(directory / CONFUSION_CSV) as tmp:
         pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]}).to_csv(tmp, index=False)
@@ -69,23 +150,61 @@ def write_confusion(directory: Path, y_true: np.ndarray, y_pred: np.ndarray, cla
     ax.set_yticks(range(n), class_names, fontsize=8)
     ax.set(xlabel="predicted", ylabel="actual", title="Test confusion matrix")
     fig.tight_layout()
-    with atomic_path(directory / CONFUSION_PNG) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save_png(fig, directory / CONFUSION_PNG)
 
 
-def _log_to_run(run_id: str, scalars: dict, files: list[Path]) -> None:
-    """Add the scalar metrics and files to the training run (MLflow already configured)."""
+def write_calibration(directory: Path, table: pd.DataFrame, ece: float) -> None:
+    """Write ``calibration.csv`` (non-empty bins) and a reliability diagram ``calibration.png``, atomically."""
+    plt = _plt()
+    full = table[table["count"] > 0]
+    with atomic_path(directory / CALIBRATION_CSV) as tmp:
+        full.to_csv(tmp, index=False)
+    width = float(table["upper"].iloc[0] - table["lower"].iloc[0])
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, height_ratios=[3, 1])
+    ax.bar(full["lower"], full["accuracy"], width=width, align="edge", edgecolor="black", label="accuracy")
+    ax.bar(full["lower"], full["confidence"] - full["accuracy"], bottom=full["accuracy"], width=width,
+           align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set(ylim=(0, 1), ylabel="accuracy", title=f"Test reliability diagram (ECE {ece:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.bar(table["lower"], table["count"], width=width, align="edge", color="grey")
+    hist.set(xlim=(0, 1), xlabel="confidence (top class probability)", ylabel="tiles")
+    fig.tight_layout()
+    _save_png(fig, directory / CALIBRATION_PNG)
+
+
+def holdout_scores(probs: np.ndarray, labels: np.ndarray, class_names: list[str], holdout: str) -> dict[str, float]:
+    """Unseen-class figures: ``holdout_top1`` on the held-out class's tiles (over ALL classes), ``seen_top1`` else."""
+    if holdout not in class_names:
+        raise GeoclipError(f"train.holdout_class: {holdout!r} is not among the model's classes {class_names}")
+    labels = np.asarray(labels)
+    mine = labels == class_names.index(holdout)
+    if not mine.any():
+        raise GeoclipError(f"train.holdout_class: no test tiles of {holdout!r}; the unseen class needs test tiles")
+    pred = probs.argmax(axis=1)
+    out = {"holdout_top1": float((pred[mine] == labels[mine]).mean())}
+    if (~mine).any():  # JSON has no NaN: leave the key out when every test tile is of the held-out class
+        out["seen_top1"] = float((pred[~mine] == labels[~mine]).mean())
+    return out
+
+
+def _log_to_run(run_id: str, scalars: dict, files: list[Path], tags: dict[str, str]) -> None:
+    """Add the scalar metrics, tags and files to the training run (MLflow already configured)."""
     import mlflow
 
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(scalars)
+        mlflow.set_tags(tags)
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="eval")
 
 
 def evaluate(params: Params) -> dict:
-    """Score the saved model on test and val; write metrics.json and confusion files; log them to MLflow."""
+    """Score the saved model on test and val; write metrics, confusion and calibration files; log them to MLflow.
+
+    With ``train.holdout_class`` set (the class the model never trained on), also the zero-shot accuracy
+    on that class's test tiles, classified over all classes from its name and description alone.
+    """
     from geoclip.baselines import nearest_centroid_accuracy
     from geoclip.model import load_model
     from geoclip.prepare import load_split
@@ -94,30 +213,45 @@ def evaluate(params: Params) -> dict:
     model_dir = Path(params.paths.model)
     if not (model_dir / "model.pt").exists():
         raise GeoclipError(f"{model_dir / 'model.pt'}: not found; run `geoclip train` first")
+    if params.evaluate.ece_bins < 1:
+        raise GeoclipError(f"evaluate.ece_bins: {params.evaluate.ece_bins}; expected a whole number >= 1")
     run_id = read_run_info(params)["run_id"]  # fail before writing anything
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_dir).to(device)
+    names = list(model.cfg.class_names)
     train, val, test = (load_split(params.paths.prepared, s) for s in ("train", "val", "test"))
-    if list(test.class_names) != list(model.cfg.class_names):
+    if list(test.class_names) != names:
         raise GeoclipError(f"{params.paths.prepared}/stats.json: classes {test.class_names} differ from the "
-                           f"model's {model.cfg.class_names}; retrain or re-prepare")
+                           f"model's {names}; retrain or re-prepare")
     bs = params.evaluate.batch_size
-    test_probs = predict_probs(model, test.images, bs, device, desc="predict test")
+    test_probs, test_emb = predict_batches(model, test.images, bs, device,
+                                           progress=lambda it: tqdm(it, desc="predict test", unit="batch"))
     val_probs = predict_probs(model, val.images, bs, device, desc="predict val")
+    with torch.no_grad():
+        class_emb = model.class_embeddings().float().cpu().numpy()
     y_true, y_pred = np.asarray(test.labels), test_probs.argmax(axis=1)
-    per_class, macro_f1 = per_class_scores(y_true, y_pred, model.cfg.class_names)
+    per_class, macro_f1 = per_class_scores(y_true, y_pred, names)
+    calibration = calibration_table(test_probs, y_true, params.evaluate.ece_bins)
     scalars = {
         "test_top1": topk_accuracy(test_probs, y_true, 1),
         "test_top5": topk_accuracy(test_probs, y_true, 5),
         "test_macro_f1": macro_f1,
+        "test_ece": expected_calibration_error(calibration),
         "val_top1": topk_accuracy(val_probs, np.asarray(val.labels), 1),
         "nearest_centroid_top1": float(nearest_centroid_accuracy(train.images, train.labels,
                                                                  test.images, test.labels)),
+        **retrieval_scores(test_emb, class_emb, y_true),
     }
+    holdout = params.train.holdout_class
+    if holdout:
+        scalars.update(holdout_scores(test_probs, y_true, names, holdout))
     out = Path(params.paths.eval)
     out.mkdir(parents=True, exist_ok=True)
-    write_confusion(out, y_true, y_pred, model.cfg.class_names)
+    write_confusion(out, y_true, y_pred, names)
+    write_calibration(out, calibration, scalars["test_ece"])
     write_json(out / METRICS_FILE, scalars)
     write_json(out / PER_CLASS_FILE, per_class)
-    _log_to_run(run_id, scalars, [out / METRICS_FILE, out / PER_CLASS_FILE, out / CONFUSION_CSV, out / CONFUSION_PNG])
+    files = [out / f for f in (METRICS_FILE, PER_CLASS_FILE, CONFUSION_CSV, CONFUSION_PNG, CALIBRATION_CSV,
+                               CALIBRATION_PNG)]
+    _log_to_run(run_id, scalars, files, {"holdout_class": holdout or "none"})  # as training tags it
     return {**scalars, "per_class": per_class}

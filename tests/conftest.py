@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +21,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Caches (text embeddings) go to a folder of this test session, not the user's home; subprocesses inherit it.
+os.environ["GEOCLIP_CACHE"] = tempfile.mkdtemp(prefix="geoclip-test-cache-")
+atexit.register(shutil.rmtree, os.environ["GEOCLIP_CACHE"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_TILES = REPO.parent / "shared" / "data" / "eurosat_ms_dev"

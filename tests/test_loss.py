@@ -1,4 +1,4 @@
-"""Tests for the label-aware contrastive loss."""
+"""Tests for the losses: label-aware contrastive (softmax) and SigLIP (sigmoid), plus the temperature clamp."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geoclip.loss import label_aware_clip_loss
+from geoclip.loss import LOSSES, MAX_LOGIT_SCALE, clamp_logit_scale, label_aware_clip_loss, siglip_loss
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -92,3 +92,87 @@ def test_classes_absent_from_the_batch_only_act_as_image_to_text_negatives():
     labels = torch.tensor([0, 0, 1])
     loss = label_aware_clip_loss(cls[labels], cls, labels, torch.tensor(0.0))
     assert torch.isfinite(loss)
+
+
+# --- SigLIP (pairwise sigmoid) loss, the LOSSES registry and the temperature clamp ---------------------------
+
+
+def _logsig(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_siglip_hand_computed_two_by_two():
+    """Two tiles, two classes, scale 2, bias -1: the value matches the formula written out by hand."""
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cls = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    loss = siglip_loss(img, cls, torch.tensor([0, 1]), torch.tensor(math.log(2.0)), torch.tensor(-1.0))
+    # logits = 2 * img @ cls.T - 1 = [[1, 0.2], [-1, 0.6]]; targets +1 on the diagonal, -1 elsewhere
+    expected = (-(_logsig(1.0) + _logsig(-0.2)) - (_logsig(1.0) + _logsig(0.6))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_siglip_aligned_embeddings_beat_shuffled_ones():
+    """Images near their own class embedding give a lower sigmoid loss than the same images shuffled."""
+    g = torch.Generator().manual_seed(4)
+    cls = _unit(torch.randn(5, 32, generator=g))
+    labels = torch.arange(5).repeat(6)
+    img = _unit(cls[labels] + 0.1 * torch.randn(30, 32, generator=g))
+    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+    aligned = siglip_loss(img, cls, labels, scale, bias)
+    shuffled = siglip_loss(img[torch.randperm(30, generator=g)], cls, labels, scale, bias)
+    assert aligned.item() < shuffled.item()
+
+
+def test_siglip_is_a_mean_over_tiles_so_repeating_the_batch_changes_nothing():
+    """Pairs are independent binary problems: same-class tiles are never negatives, duplicates add nothing."""
+    g = torch.Generator().manual_seed(5)
+    cls, img = _unit(torch.randn(4, 16, generator=g)), _unit(torch.randn(10, 16, generator=g))
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0, 2])
+    scale, bias = torch.tensor(math.log(10.0)), torch.tensor(-3.0)
+    base = siglip_loss(img, cls, labels, scale, bias)
+    assert siglip_loss(img.repeat(3, 1), cls, labels.repeat(3), scale, bias).item() == pytest.approx(base.item())
+
+
+def test_siglip_gradients_reach_embeddings_scale_and_bias():
+    """The sigmoid loss is differentiable in both embeddings, the log temperature and the bias."""
+    g = torch.Generator().manual_seed(6)
+    cls = _unit(torch.randn(3, 8, generator=g)).requires_grad_()
+    img = _unit(torch.randn(6, 8, generator=g)).requires_grad_()
+    scale = torch.tensor(math.log(10.0), requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    siglip_loss(img, cls, torch.tensor([0, 1, 2, 0, 1, 1]), scale, bias).backward()
+    for t in (img, cls, scale, bias):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+def test_losses_share_one_signature_and_clip_ignores_the_bias():
+    """LOSSES maps train.loss names to functions of (img, cls, labels, logit_scale, logit_bias)."""
+    assert set(LOSSES) == {"clip", "siglip"}
+    g = torch.Generator().manual_seed(7)
+    cls, img = _unit(torch.randn(3, 8, generator=g)), _unit(torch.randn(6, 8, generator=g))
+    labels, scale = torch.tensor([0, 1, 2, 0, 1, 1]), torch.tensor(2.0)
+    for fn in LOSSES.values():
+        assert torch.isfinite(fn(img, cls, labels, scale, torch.tensor(-10.0)))
+    clip = LOSSES["clip"]
+    assert clip(img, cls, labels, scale, torch.tensor(-10.0)).item() == clip(img, cls, labels, scale).item()
+    assert clip(img, cls, labels, scale, torch.tensor(5.0)).item() == pytest.approx(
+        clip(img, cls, labels, scale, torch.tensor(-10.0)).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(("start", "clamped"), [(10.0, MAX_LOGIT_SCALE), (-1.0, 0.0), (2.0, 2.0)])
+def test_clamp_logit_scale_keeps_the_temperature_in_range(start, clamped):
+    """The learnable log scale is clamped in place to [0, log 100], without touching autograd."""
+    module = torch.nn.Module()
+    module.logit_scale = torch.nn.Parameter(torch.tensor(start))
+    clamp_logit_scale(module)
+    assert module.logit_scale.item() == pytest.approx(clamped)
+    assert module.logit_scale.requires_grad and module.logit_scale.grad is None
+
+
+def test_scale_is_capped_at_100_inside_both_losses():
+    """A log scale above log 100 (before the clamp runs) acts as 100 in both losses."""
+    cls = torch.eye(2, 4)
+    img, labels = cls.clone(), torch.tensor([0, 1])
+    for fn in LOSSES.values():
+        capped = fn(img, cls, labels, torch.tensor(math.log(100.0)), torch.tensor(-10.0))
+        assert fn(img, cls, labels, torch.tensor(9.0), torch.tensor(-10.0)).item() == pytest.approx(capped.item())
