@@ -6,6 +6,9 @@ credentials from the usual environment or profile, so a local S3 (moto, MinIO) n
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from geoclip.errors import GeoclipError
@@ -45,24 +48,39 @@ def _client_error_code(exc: Exception) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
-def list_uris(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
-    """All object URIs under the prefix ``uri`` whose names end with one of ``suffixes`` (sorted)."""
+MISSING_OBJECT = ("404", "NoSuchKey", "NotFound")
+MISSING_BUCKET = ("404", "NoSuchBucket", "NotFound")
+
+
+@contextlib.contextmanager
+def _errors(uri: str, action: str, missing: tuple[str, ...] = (), missing_text: str = "") -> Iterator[None]:
+    """Turn botocore errors into one-line GeoclipErrors naming ``uri``; error codes in ``missing`` say ``missing_text``.
+
+    The botocore error stays the cause, which marks the failure as I/O (retryable) for the Prefect flows.
+    """
     from botocore.exceptions import BotoCoreError, ClientError
 
+    try:
+        yield
+    except ClientError as exc:
+        code = _client_error_code(exc)
+        if code in missing:
+            raise GeoclipError(f"{uri}: {missing_text}") from exc
+        raise GeoclipError(f"{uri}: cannot {action} ({code or exc})") from exc
+    except BotoCoreError as exc:
+        raise GeoclipError(f"{uri}: cannot {action} ({exc})") from exc
+
+
+def list_uris(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """All object URIs under the prefix ``uri`` whose names end with one of ``suffixes`` (sorted)."""
     bucket, prefix = split_uri(uri)
     if prefix and not prefix.endswith("/"):
         prefix += "/"  # a folder-like prefix: scenes/ must not also match scenes_old/
     out = []
-    try:
+    with _errors(uri, "list", ("NoSuchBucket",), f"bucket {bucket!r} does not exist"):
         for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             out += [f"{SCHEME}{bucket}/{o['Key']}" for o in page.get("Contents", [])
                     if not suffixes or o["Key"].lower().endswith(suffixes)]
-    except ClientError as exc:
-        if _client_error_code(exc) == "NoSuchBucket":
-            raise GeoclipError(f"{uri}: bucket {bucket!r} does not exist") from exc
-        raise GeoclipError(f"{uri}: cannot list ({_client_error_code(exc) or exc})") from exc
-    except BotoCoreError as exc:
-        raise GeoclipError(f"{uri}: cannot reach S3 ({exc})") from exc
     return sorted(out)
 
 
@@ -75,71 +93,41 @@ def exists(uri: str) -> bool:
         client().head_object(Bucket=bucket, Key=key)
         return True
     except ClientError as exc:
-        if _client_error_code(exc) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+        if _client_error_code(exc) in MISSING_OBJECT + MISSING_BUCKET:
             return False
         raise GeoclipError(f"{uri}: cannot check ({_client_error_code(exc) or exc})") from exc
 
 
 def require_bucket(uri: str, s3_client=None) -> None:
     """Raise a GeoclipError unless the bucket of ``uri`` exists and can be reached."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, _ = split_uri(uri)
-    try:
+    with _errors(uri, f"reach bucket {bucket!r}", MISSING_BUCKET, f"bucket {bucket!r} does not exist"):
         (s3_client or client()).head_bucket(Bucket=bucket)
-    except ClientError as exc:
-        if _client_error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
-            raise GeoclipError(f"{uri}: bucket {bucket!r} does not exist") from exc
-        raise GeoclipError(f"{uri}: cannot reach bucket {bucket!r} ({_client_error_code(exc) or exc})") from exc
-    except BotoCoreError as exc:
-        raise GeoclipError(f"{uri}: cannot reach S3 ({exc})") from exc
 
 
 def download(uri: str, path: str | Path, s3_client=None) -> Path:
     """Fetch the object ``uri`` into the local file ``path`` (pass one ``s3_client`` to share it across threads)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_uri(uri)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with _errors(uri, "download", MISSING_OBJECT, "no such object"):
         (s3_client or client()).download_file(bucket, key, str(path))
-    except ClientError as exc:
-        if _client_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-            raise GeoclipError(f"{uri}: no such object") from exc
-        raise GeoclipError(f"{uri}: cannot download ({_client_error_code(exc) or exc})") from exc
-    except BotoCoreError as exc:
-        raise GeoclipError(f"{uri}: cannot download ({exc})") from exc
     return path
 
 
 def download_small(uri: str, path: str | Path, s3_client=None) -> Path:
     """Fetch a small object (a tile) with one GET: about 1.6x faster than ``download`` for 100 kB tiles."""
-    import shutil
-
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_uri(uri)
-    try:
+    with _errors(uri, "download", MISSING_OBJECT, "no such object"):
         body = (s3_client or client()).get_object(Bucket=bucket, Key=key)["Body"]
         with open(path, "wb") as f:
             shutil.copyfileobj(body, f)
-    except ClientError as exc:
-        if _client_error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-            raise GeoclipError(f"{uri}: no such object") from exc
-        raise GeoclipError(f"{uri}: cannot download ({_client_error_code(exc) or exc})") from exc
-    except BotoCoreError as exc:
-        raise GeoclipError(f"{uri}: cannot download ({exc})") from exc
     return Path(path)
 
 
 def upload(path: str | Path, uri: str) -> str:
     """Put the local file ``path`` at ``uri`` (S3 puts are atomic: readers never see half an object)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_uri(uri)
-    try:
+    with _errors(uri, f"upload {path}"):
         client().upload_file(str(path), bucket, key)
-    except (ClientError, BotoCoreError) as exc:
-        raise GeoclipError(f"{uri}: cannot upload {path} ({_client_error_code(exc) or exc})") from exc
     return uri

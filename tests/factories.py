@@ -20,6 +20,24 @@ from geoclip.model import GeoCLIP, ModelConfig, load_model, save_model
 from geoclip.pyfunc import log_pyfunc
 from geoclip.tiles import discover_tiles, read_tile
 
+def make_tile(path: Path, data: np.ndarray | None = None, *, bands: int = 13, size: int = 64,
+              dtype: str = "uint16", crs: str | None = "EPSG:32632", seed: int = 0,
+              descriptions: list[str] | None = None) -> Path:
+    """Write a small georeferenced GeoTIFF (random plausible DNs unless ``data`` is given; band names optional)."""
+    if data is None:
+        data = np.random.default_rng(seed).integers(100, 5000, (bands, size, size)).astype(dtype)
+    profile = {"driver": "GTiff", "count": data.shape[0], "height": data.shape[1], "width": data.shape[2],
+               "dtype": data.dtype.name, "transform": from_origin(500000, 5000000, 10, 10)}
+    if crs:
+        profile["crs"] = crs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        for i, name in enumerate(descriptions or []):
+            dst.set_band_description(i + 1, name)
+    return path
+
+
 TINY_ENCODER = "test_resnet"  # timm's 0.4M-parameter test net: fast to build, log and run
 
 

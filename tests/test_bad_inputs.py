@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import rasterio
 import yaml
-from rasterio.transform import from_origin
+
+from factories import make_tile
 
 from geoclip.cli import main
 
@@ -61,23 +61,6 @@ def write_params(root: Path, **sections) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def write_tile(path: Path, data: np.ndarray | None = None, *, bands: int = 13, dtype: str = "uint16",
-               crs: str | None = "EPSG:32632", seed: int = 0, descriptions: list[str] | None = None) -> Path:
-    """A 64x64 georeferenced GeoTIFF (random plausible DNs unless ``data`` is given)."""
-    if data is None:
-        data = np.random.default_rng(seed).integers(100, 5000, (bands, 64, 64)).astype(dtype)
-    profile = {"driver": "GTiff", "count": data.shape[0], "height": data.shape[1], "width": data.shape[2],
-               "dtype": data.dtype.name, "transform": from_origin(500000, 5000000, 10, 10)}
-    if crs:
-        profile["crs"] = crs
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-        for i, name in enumerate(descriptions or []):
-            dst.set_band_description(i + 1, name)
-    return path
-
-
 def good_raw(root: Path, **params) -> Path:
     """A good raw dataset (3 classes x 3 tiles, labels.csv) plus params.yaml; returns the raw folder."""
     raw = root / "data" / "raw"
@@ -85,7 +68,7 @@ def good_raw(root: Path, **params) -> Path:
     for c in CLASSES:
         for n in range(1, PER_CLASS + 1):
             rel = f"tiles/{c}/{c}_{n}.tif"
-            write_tile(raw / rel, seed=len(rows))
+            make_tile(raw / rel, seed=len(rows))
             rows.append({"id": f"{c}_{n}", "path": rel, "class": c})
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
     write_params(root, **params)
@@ -113,13 +96,13 @@ def _with_value(value: float) -> Callable[[Path], Path]:
     def write(p: Path) -> Path:
         data = np.full((13, 64, 64), 1000.0, np.float32)
         data[2, 5, 5] = value
-        return write_tile(p, data)
+        return make_tile(p, data)
     return write
 
 
 def _unknown_class(root: Path) -> None:
     raw = good_raw(root)
-    write_tile(raw / "tiles/Desert/Desert_1.tif")
+    make_tile(raw / "tiles/Desert/Desert_1.tif")
     edit_labels(raw, lambda df: pd.concat([df, pd.DataFrame(
         [{"id": "Desert_1", "path": "tiles/Desert/Desert_1.tif", "class": "Desert"}])]))
 
@@ -210,19 +193,19 @@ CASES: dict[str, Case] = {
                         ONE, f"tiles.readable (expected a readable GeoTIFF) failed for {TILE} (got "),
     "not_a_tiff": v(break_tile(lambda p: p.write_text("this is not a GeoTIFF\n")),
                     ONE, f"tiles.readable (expected a readable GeoTIFF) failed for {TILE} (got ", "not recognized"),
-    "wrong_band_count": v(break_tile(lambda p: write_tile(p, bands=12)),
+    "wrong_band_count": v(break_tile(lambda p: make_tile(p, bands=12)),
                           ONE, f"tiles.band_count (expected 13 bands) failed for {TILE} (got 12)"),
-    "wrong_band_order": v(break_tile(lambda p: write_tile(p, descriptions=[f"B{i:02d}" for i in range(13, 0, -1)])),
+    "wrong_band_order": v(break_tile(lambda p: make_tile(p, descriptions=[f"B{i:02d}" for i in range(13, 0, -1)])),
                           ONE, "tiles.band_order (expected bands named B01,B02,", f"for {TILE} (got B13,B12,"),
-    "wrong_dtype": v(break_tile(lambda p: write_tile(p, dtype="float32")),
+    "wrong_dtype": v(break_tile(lambda p: make_tile(p, dtype="float32")),
                      ONE, f"tiles.dtype (expected uint16) failed for {TILE} (got float32)"),
     "nan_values": v(break_tile(_with_value(np.nan)),
                     TWO, f"tiles.finite (expected no NaN or inf pixel values) failed for {TILE} (got 1)"),
     "inf_values": v(break_tile(_with_value(np.inf)),
                     TWO, f"tiles.finite (expected no NaN or inf pixel values) failed for {TILE} (got 1)"),
-    "all_nodata_tile": v(break_tile(lambda p: write_tile(p, np.zeros((13, 64, 64), np.uint16))),
+    "all_nodata_tile": v(break_tile(lambda p: make_tile(p, np.zeros((13, 64, 64), np.uint16))),
                          ONE, f"tiles.nodata_fraction (expected at most 5% nodata pixels) failed for {TILE} (got 1)"),
-    "missing_crs": v(break_tile(lambda p: write_tile(p, crs=None)),
+    "missing_crs": v(break_tile(lambda p: make_tile(p, crs=None)),
                      ONE, f"tiles.crs (expected a coordinate reference system) failed for {TILE}"),
     "label_to_missing_file": v(lambda root: (good_raw(root) / "tiles/River/River_3.tif").unlink(),
                                ONE, "labels.file_exists (expected an existing tile file) failed for "

@@ -9,33 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
-from factories import write_scene
+from factories import write_scene, make_tile
 from marshmallow import ValidationError
-from rasterio.transform import from_origin
 
 from geoclip.config import params_from_dict
 from geoclip.errors import GeoclipError
 from geoclip.validate import SUITES_DIR, build_tile_index, publish_results, run_suite, validate, validate_scenes
 
 CLASSES = ["Forest", "River", "SeaLake"]
-
-
-def write_tile(path: Path, data: np.ndarray | None = None, *, bands: int = 13, size: int = 64,
-               dtype: str = "uint16", crs: str | None = "EPSG:32632", seed: int = 0,
-               descriptions: list[str] | None = None) -> Path:
-    """Write a small georeferenced GeoTIFF (random plausible DNs unless ``data`` is given; band names optional)."""
-    if data is None:
-        data = np.random.default_rng(seed).integers(100, 5000, (bands, size, size)).astype(dtype)
-    profile = {"driver": "GTiff", "count": data.shape[0], "height": data.shape[1], "width": data.shape[2],
-               "dtype": data.dtype.name, "transform": from_origin(500000, 5000000, 10, 10)}
-    if crs:
-        profile["crs"] = crs
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-        for i, name in enumerate(descriptions or []):
-            dst.set_band_description(i + 1, name)
-    return path
 
 
 def make_dataset(root: Path, per_class: int = 3) -> dict:
@@ -45,7 +26,7 @@ def make_dataset(root: Path, per_class: int = 3) -> dict:
     for c in CLASSES:
         for n in range(1, per_class + 1):
             rel = f"tiles/{c}/{c}_{n}.tif"
-            write_tile(raw / rel, seed=len(rows))
+            make_tile(raw / rel, seed=len(rows))
             rows.append({"id": f"{c}_{n}", "path": rel, "class": c})
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
     return {"classes": {"names": CLASSES}, "paths": {"raw": str(raw), "reports": str(root / "reports")},
@@ -90,7 +71,7 @@ def test_good_dataset_passes_and_writes_reports(dataset):
 def _out_of_range(p: Path) -> None:
     data = np.full((13, 64, 64), 1000, dtype=np.uint16)
     data[0, 0, 0] = 40000
-    write_tile(p, data)
+    make_tile(p, data)
 
 
 def _truncate(p: Path) -> None:
@@ -100,7 +81,7 @@ def _truncate(p: Path) -> None:
 
 # The CLI corpus (test_bad_inputs.py) covers the other bad tiles and labels; these check the reports in detail.
 BAD_TILES = {  # name: (how to break Forest_2.tif, the checks that must fail)
-    "size": (lambda p: write_tile(p, size=32), ["tiles.width", "tiles.height"]),
+    "size": (lambda p: make_tile(p, size=32), ["tiles.width", "tiles.height"]),
     "range": (_out_of_range, ["tiles.max_value"]),
     "truncated": (_truncate, ["tiles.readable"]),
 }
@@ -136,7 +117,7 @@ def _duplicate_id(raw: Path) -> str:
 
 
 def _unlabelled_tile(raw: Path) -> str:
-    return str(write_tile(raw / "tiles/River/River_99.tif"))
+    return str(make_tile(raw / "tiles/River/River_99.tif"))
 
 
 BAD_LABELS = {  # name: (how to break the labels, the rule that must fail)
@@ -179,7 +160,7 @@ def test_build_tile_index_reads_values(tmp_path):
     data = np.full((13, 8, 8), 7, np.uint16)
     data[:, 0, :2] = 0  # 2 of 64 pixels nodata in every band
     data[3, 1, 1] = 900
-    good = write_tile(tmp_path / "a.tif", data)
+    good = make_tile(tmp_path / "a.tif", data)
     bad = tmp_path / "b.tif"
     bad.write_text("nope")
     df = build_tile_index([good, bad], nodata_value=0)
@@ -208,11 +189,11 @@ def test_band_order_and_count_come_from_the_dataset(dataset):
     names = ["B02", "B03", "B04", "B08"]  # a 4-band dataset, recorded by ingest in bands.json
     (raw / "bands.json").write_text(json.dumps({"band_names": names}))
     for p in raw.glob("tiles/*/*.tif"):
-        write_tile(p, bands=4, descriptions=names)
+        make_tile(p, bands=4, descriptions=names)
     data["bands"], data["ingest"] = names, {"band_names": names}
     assert validate(params_from_dict(data))["success"]
-    write_tile(raw / "tiles/River/River_1.tif", bands=4, descriptions=["B03", "B02", "B04", "B08"])
-    write_tile(raw / "tiles/River/River_2.tif", bands=4)  # no band names: the order cannot be checked, passes
+    make_tile(raw / "tiles/River/River_1.tif", bands=4, descriptions=["B03", "B02", "B04", "B08"])
+    make_tile(raw / "tiles/River/River_2.tif", bands=4)  # no band names: the order cannot be checked, passes
     with pytest.raises(GeoclipError) as err:
         validate(params_from_dict(data))
     assert str(err.value).startswith("validation failed: 1 of ")
