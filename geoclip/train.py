@@ -110,12 +110,20 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+TEXT_LR_FACTOR = 0.01  # a fine-tuned pretrained sentence encoder needs a far smaller step than the fresh parts
+
+
 def _optimizer(model: GeoCLIP, params: Params) -> torch.optim.Optimizer:
-    """AdamW with weight decay on weight matrices and kernels only (not biases, norms or the temperature)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": params.train.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=params.train.lr)
+    """AdamW; weight decay on weight matrices and kernels only; the sentence encoder (if fine-tuned) at lr x 0.01."""
+    text = getattr(model, "text_encoder", None)
+    text_ids = {id(p) for p in text.parameters()} if isinstance(text, nn.Module) else set()
+    groups = []
+    for ids_wanted, lr in ((False, params.train.lr), (True, params.train.lr * TEXT_LR_FACTOR)):
+        trainable = [p for p in model.parameters() if p.requires_grad and (id(p) in text_ids) == ids_wanted]
+        groups += [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": params.train.weight_decay,
+                    "lr": lr},
+                   {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=params.train.lr)
 
 
 def write_history(directory: Path, history: list[dict]) -> tuple[Path, Path]:

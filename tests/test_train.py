@@ -25,7 +25,7 @@ from geoclip.model import load_model
 from geoclip.storage import data_version
 from geoclip.train import launch, main, torchrun_command, train
 from factories import PACK_CLASSES as CLASSES
-from factories import TINY_ENCODER, make_packs, own_tracking_store, tiny_params_dict
+from factories import TINY_ENCODER, make_model_dir, make_packs, own_tracking_store, tiny_params_dict
 
 # 12 tiles per class: 8 train tiles each, 24 in all, so 4 batches of 6 per epoch and 12 steps in 3 epochs;
 # checkpoints at steps 5 and 10 both fall inside an epoch. One thread: bit-exact CPU math across processes.
@@ -419,3 +419,20 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_weights(tiny_run, tmp_path
     assert json.loads((tmp_path / "model" / "run.json").read_text())["run_id"] == ck["mlflow_run_id"]
     assert runs[0].data.metrics["resumed_from_step"] == prog["step"]
     assert {m.step for m in client.get_metric_history(ck["mlflow_run_id"], "val_top1")} == {1, 2, 3}
+
+
+def test_fine_tuned_sentence_encoder_gets_a_hundredth_of_the_learning_rate(tmp_path):
+    from torch import nn
+
+    from geoclip.train import TEXT_LR_FACTOR, _optimizer
+
+    model = load_model(make_model_dir(tmp_path / "model"))
+    model.text_encoder = nn.Linear(4, 4)  # stands in for the sentence encoder: only its parameters matter here
+    params = params_from_dict({"train": {"lr": 0.002}})
+    groups = _optimizer(model, params).param_groups
+    text_ids = {id(p) for p in model.text_encoder.parameters()}
+    for g in groups:
+        in_text = {id(p) in text_ids for p in g["params"]}
+        assert len(in_text) == 1  # a group is all text encoder or none of it
+        assert g["lr"] == (0.002 * TEXT_LR_FACTOR if in_text == {True} else 0.002)
+    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
