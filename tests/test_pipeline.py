@@ -118,22 +118,23 @@ def test_second_repro_has_nothing_to_do(pipeline):
     assert "Running stage" not in again.stdout
 
 
-def test_changing_score_params_reruns_only_score(pipeline):
+def repro_with(pipeline, section: str, key: str, value) -> str:
+    """Change one param in the copy's params.yaml, run `dvc repro`, return its output."""
     work, env, _ = pipeline
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["score"]["stride"] = 64
+    params[section][key] = value
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["dvc", "repro"], work, env).stdout
+    return run(["dvc", "repro"], work, env).stdout
+
+
+def test_changing_score_params_reruns_only_score(pipeline):
+    out = repro_with(pipeline, "score", "stride", 64)
     assert "Running stage 'score'" in out
     assert "Running stage 'train'" not in out and "Running stage 'ingest'" not in out
 
 
 def test_changing_a_validation_threshold_does_not_retrain(pipeline):
-    work, env, _ = pipeline
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["validate"]["max_nodata_fraction"] = 0.06
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["dvc", "repro"], work, env).stdout
+    out = repro_with(pipeline, "validate", "max_nodata_fraction", 0.06)
     assert "Running stage 'validate'" in out
     # prepare re-checks the data, but the packs come out identical (same DVC hash), so nothing downstream reruns
     assert "Running stage 'train'" not in out and "Running stage 'ingest'" not in out
