@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for geoclip (issue 4): environment, CUDA training smoke (+ `pytest -m gpu` if any such
 # tests exist), then the training-throughput bench (resnet18/resnet50, 64 px, 13 bands, bf16, channels_last,
-# batch 256..4096, torch.compile off/on). Results go under $OUT; every step runs under `timeout` and the step
+# batch 256..4096, torch.compile off/on). Results go to $OUT/gpu_check.tar.gz (+ the log); every step runs under `timeout` and the step
 # limits add up to 540 s, so one device call with timeout_s=600 covers it.
 #
 #   bash bench/gpu_check.sh                  # on the device, in the repo root ($OUT set by the device tool)
@@ -23,21 +23,23 @@ case "${1:-}" in
 esac
 PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT=${OUT:-$PWD/gpu_out}
+# The device tool returns at most 8 files: every step writes into RES, packed into one tarball at the end.
+RES=$(mktemp -d)
 WHEELS=${WHEELS:-.whl}
 BATCHES=${BATCHES:-256 512 1024 2048 4096}
 COMPILE_BATCHES=${COMPILE_BATCHES:-1024 4096 256}  # torch.compile costs ~1 min per shape: the most telling first
-mkdir -p "$OUT"
 FAILED=()
 
-log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$OUT/gpu_check.log"; }
+log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$RES/gpu_check.log"; }
+pack() { tar czf "$OUT/gpu_check.tar.gz" -C "$RES" . && cp "$RES/gpu_check.log" "$OUT/" 2>/dev/null; }
 lock_version() { grep -i "^$1==" requirements.lock | head -1 | cut -d= -f3; }
 
-# step NAME SECONDS CMD...: run CMD under timeout, output to $OUT/NAME.txt, remember failures, go on.
+# step NAME SECONDS CMD...: run CMD under timeout, output to $RES/NAME.txt, remember failures, go on.
 step() {
   local name=$1 limit=$2
   shift 2
   log "$name (limit ${limit}s): $*"
-  timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.txt") 2>&1
+  timeout --kill-after=10 "$limit" "$@" > >(tee "$RES/$name.txt") 2>&1
   local rc=$?
   [ "$rc" -eq 0 ] || { FAILED+=("$name(rc=$rc)"); log "$name failed: rc=$rc (124 = timed out)"; }
   return 0
@@ -45,15 +47,24 @@ step() {
 
 if [ "$MODE" = fetch ]; then
   mkdir -p "$WHEELS"
-  "$PY" -m pip download --no-deps --only-binary=:all: -d "$WHEELS" "timm==$(lock_version timm)" || exit 1
+  # The device runs CPython 3.12 on x86-64: fetch wheels for that platform, whatever this machine is.
+  # rasterio (+ its small pure-Python needs) is for bench/score_throughput.py; the device has the rest.
+  plat=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+        --platform manylinux2014_x86_64)
+  pkgs=()
+  for pkg in timm rasterio affine cligj click-plugins; do pkgs+=("$pkg==$(lock_version "$pkg")"); done
+  "$PY" -m pip download --no-deps --only-binary=:all: "${plat[@]}" -d "$WHEELS" "${pkgs[@]}" || exit 1
   ls -l "$WHEELS"
   exit 0
 fi
 
+mkdir -p "$OUT"
+trap pack EXIT
+
 # 1. Environment: the device's own torch; CUDA must be there unless this is a dry run.
-"$PY" -c "import torch; print(torch.__version__, torch.cuda.is_available())" | tee "$OUT/env.txt" || {
+"$PY" -c "import torch; print(torch.__version__, torch.cuda.is_available())" | tee "$RES/env.txt" || {
   log "no importable torch in $PY"; exit 3; }
-command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+command -v nvidia-smi >/dev/null && nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
 CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "$MODE" = run ] && [ "$CUDA" != 1 ]; then log "torch sees no CUDA device; nothing to measure"; exit 3; fi
 
@@ -79,25 +90,25 @@ if [ "$MODE" = dry ]; then
   log "dry run done; failed: ${FAILED[*]:-none}"
   [ ${#FAILED[@]} -eq 0 ]; exit $?
 fi
-"$PY" -c "import torch; print(torch.cuda.get_device_name())" | tee -a "$OUT/env.txt"
+"$PY" -c "import torch; print(torch.cuda.get_device_name())" | tee -a "$RES/env.txt"
 
 # 4. CUDA tests: `pytest -m gpu` when such tests exist and pytest imports; always the training smoke
 #    (resnet18 GeoCLIP, bf16 autocast + channels_last, int32 data kept on the GPU, augmentation there).
 if grep -rqs "mark.gpu" tests/ && "$PY" -c "import pytest" 2>/dev/null; then
   step pytest_gpu "${T_TESTS:-90}" "$PY" -m pytest -m gpu -q tests
 fi
-step smoke "${T_SMOKE:-60}" "$PY" bench/train_throughput.py --smoke --out "$OUT/smoke.json"
+step smoke "${T_SMOKE:-60}" "$PY" bench/train_throughput.py --smoke --out "$RES/smoke.json"
 
 # 5. Throughput: eager at every batch size, then compiled at COMPILE_BATCHES; one JSON per call, rows written
 #    as they finish, so a timeout still leaves the rows measured before it.
 step eager_resnet18 "${T_EAGER18:-90}" "$PY" bench/train_throughput.py --models resnet18 --batch-sizes $BATCHES \
-  --compile off --out "$OUT/throughput_resnet18_eager.json"
+  --compile off --out "$RES/throughput_resnet18_eager.json"
 step eager_resnet50 "${T_EAGER50:-120}" "$PY" bench/train_throughput.py --models resnet50 --batch-sizes $BATCHES \
-  --compile off --out "$OUT/throughput_resnet50_eager.json"
+  --compile off --out "$RES/throughput_resnet50_eager.json"
 step compile_resnet18 "${T_COMP18:-100}" "$PY" bench/train_throughput.py --models resnet18 \
-  --batch-sizes $COMPILE_BATCHES --compile on --out "$OUT/throughput_resnet18_compile.json"
+  --batch-sizes $COMPILE_BATCHES --compile on --out "$RES/throughput_resnet18_compile.json"
 step compile_resnet50 "${T_COMP50:-120}" "$PY" bench/train_throughput.py --models resnet50 \
-  --batch-sizes $COMPILE_BATCHES --compile on --out "$OUT/throughput_resnet50_compile.json"
+  --batch-sizes $COMPILE_BATCHES --compile on --out "$RES/throughput_resnet50_compile.json"
 
 log "done; failed: ${FAILED[*]:-none}"
 [ ${#FAILED[@]} -eq 0 ]

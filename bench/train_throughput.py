@@ -67,7 +67,7 @@ def contrastive(img: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor, mode
 
 def make_step(model: GeoCLIP, x: torch.Tensor, labels: torch.Tensor, bf16: bool, compiled: bool):
     """A closure running one full training step; returns it and the optimiser."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=x.device.type == "cuda")  # as geoclip.train
     step_module = Step(model)
     fwd = torch.compile(step_module, dynamic=False) if compiled else step_module
 

@@ -75,6 +75,36 @@ def cmd_register(args) -> None:
     _print(register(load_params(args.params)))
 
 
+def cmd_registry(args) -> None:
+    """Registry aliases: `promote VERSION` to champion, `rollback` to the previous champion, `list` versions."""
+    from geoclip import registry
+
+    params = load_params(args.params)
+    if args.action == "list":
+        rows = registry.list_versions(params)
+        if not rows:
+            print(f"{params.register.model_name}: no versions")
+        for r in rows:
+            value = "-" if r["value"] is None else f"{r['value']:.4g}"
+            holdout = f"  holdout {r['holdout_class']}" if r["holdout_class"] else ""
+            names = ",".join(r["aliases"]) or "-"
+            print(f"v{r['version']}  {names}  {r['metric']} {value}{holdout}  gate: {r['gate']}")
+        if rows:
+            history = registry.champion_history(registry.client_for(params), params.register.model_name)
+            print("champion history: " + (" -> ".join(f"v{v}" for v in history) or "none recorded"))
+        return
+    if args.action == "promote":
+        if args.version is None:
+            raise GeoclipError("registry promote: VERSION missing; e.g. `geoclip registry promote 3`")
+        result = registry.promote(params, args.version, force=args.force)
+    else:
+        if args.version is not None:
+            raise GeoclipError(f"registry rollback: takes no VERSION (got {args.version!r}); "
+                               f"use `promote {args.version}`")
+        result = registry.rollback(params)
+    print(registry.format_move(result))
+
+
 def cmd_score(args) -> None:
     """Score large scenes with the registered champion."""
     from geoclip.score import score_scenes
@@ -139,6 +169,14 @@ def cmd_diagram(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_services(args) -> None:
+    """Start moto S3, MLflow (SQLite, S3 artifacts) and Prefect on 127.0.0.1 until Ctrl-C."""
+    from geoclip.services import run_services
+
+    run_services(args.dir, {"s3": args.s3_port, "mlflow": args.mlflow_port, "prefect": args.prefect_port})
+    print("services stopped")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="geoclip", description=__doc__)
@@ -159,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", default=None, help="folder or s3:// prefix of scenes (default: score.scenes)")
     p.add_argument("--out", default=None, help="output folder or s3:// prefix (default: paths.scores)")
     p.set_defaults(func=cmd_score)
+    p = sub.add_parser("registry", help=cmd_registry.__doc__, parents=[common])
+    p.add_argument("action", choices=["promote", "rollback", "list"])
+    p.add_argument("version", nargs="?", default=None, help="promote: the model version to make champion")
+    p.add_argument("--force", action="store_true", help="promote: allow an unseen-class (holdout) model")
+    p.set_defaults(func=cmd_registry)
     p = sub.add_parser("predict", help=cmd_predict.__doc__, parents=[common])
     p.add_argument("tiles", help="EuroSAT_MS-layout folder, folder of tiles, or CSV manifest")
     p.add_argument("--model", default=None, help="MLflow model URI (default: score.model_uri)")
@@ -189,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
     p.add_argument("--out", default=None, help="output folder (default: <model>/export)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("services", help=cmd_services.__doc__, parents=[common])
+    p.add_argument("--dir", default=".services", help="state and logs folder (default: .services)")
+    p.add_argument("--s3-port", type=int, default=9000)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.set_defaults(func=cmd_services)
     return parser
 
 

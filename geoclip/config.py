@@ -123,6 +123,9 @@ class EvaluateConfig:
 
     batch_size: int = 256
     ece_bins: int = 15  # confidence bins of the calibration (reliability) figure
+    # Classify tiles by the mean embedding of their 8 flips/rotations (8x inference); the registered model
+    # serves tiles the same way by default, so its metrics are what `geoclip predict` users get.
+    tta: bool = True
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class RegisterConfig:
     metric: str = "val_top1"
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
+    margin: float = 0.005  # a new version becomes champion only if it beats the champion's metric by more than this
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,12 @@ class ScoreConfig:
     cron: str = "0 3 * * *"
     nodata: int = 0  # input value that, in every band, marks a pixel as nodata (class map: 255)
     quicklook: bool = True  # also write a small PNG of the class map per scene
+    probabilities: bool = False  # also write a per-class probability COG (uint8, 0-255 = 0-1) per scene
+    task_runner: str = "thread"  # Prefect fan-out over scenes: "thread" (one machine) or "dask"
+    dask_address: str = ""  # "dask": scheduler address (tcp://host:8786); "" = a local Dask cluster
+    dask_workers: int = 2  # workers of the local Dask cluster (dask_address "")
+    tta: bool = False  # 8 flips/rotations per window: overlapping windows already blend views; 8x slower
+    claim_timeout_s: int = 3600  # a scene claim older than this is taken to belong to a crashed run
 
 
 @dataclass(frozen=True)
@@ -284,6 +294,10 @@ def _validate(p: Params, source: str) -> None:
         raise GeoclipError(f"train.holdout_class: {p.train.holdout_class!r} is not in classes.names")
     if p.fewshot.method not in ("linear_probe", "projection"):
         raise GeoclipError(f"fewshot.method: {p.fewshot.method!r}; expected 'linear_probe' or 'projection'")
+    if p.score.task_runner not in ("thread", "dask"):
+        raise GeoclipError(f"score.task_runner: {p.score.task_runner!r}; expected 'thread' or 'dask'")
+    if p.register.margin < 0:
+        raise GeoclipError(f"register.margin: {p.register.margin}; expected a number >= 0")
     if p.prepare.split not in ("stratified", "spatial"):
         raise GeoclipError(f"prepare.split: {p.prepare.split!r}; expected 'stratified' or 'spatial'")
     if len(set(p.classes.names)) != len(p.classes.names) or len(p.classes.names) < 2:

@@ -24,10 +24,10 @@ RETRIEVAL_KS = (1, 5, 10)
 
 
 def predict_probs(model, images: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
-                  desc: str | None = None) -> np.ndarray:
+                  desc: str | None = None, tta: bool = False) -> np.ndarray:
     """Class probabilities ``(N, C)`` for raw tiles ``(N, B, H, W)``, in batches (eval mode, bf16 on CUDA)."""
     progress = (lambda it: tqdm(it, desc=desc, unit="batch")) if desc else None
-    return predict_batches(model, images, batch_size, device, progress=progress)[0]
+    return predict_batches(model, images, batch_size, device, progress=progress, tta=tta)[0]
 
 
 def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -223,10 +223,10 @@ def evaluate(params: Params) -> dict:
     if list(test.class_names) != names:
         raise GeoclipError(f"{params.paths.prepared}/stats.json: classes {test.class_names} differ from the "
                            f"model's {names}; retrain or re-prepare")
-    bs = params.evaluate.batch_size
-    test_probs, test_emb = predict_batches(model, test.images, bs, device,
+    bs, tta = params.evaluate.batch_size, params.evaluate.tta
+    test_probs, test_emb = predict_batches(model, test.images, bs, device, tta=tta,
                                            progress=lambda it: tqdm(it, desc="predict test", unit="batch"))
-    val_probs = predict_probs(model, val.images, bs, device, desc="predict val")
+    val_probs = predict_probs(model, val.images, bs, device, desc="predict val", tta=tta)
     with torch.no_grad():
         class_emb = model.class_embeddings().float().cpu().numpy()
     y_true, y_pred = np.asarray(test.labels), test_probs.argmax(axis=1)

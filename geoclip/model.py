@@ -150,19 +150,33 @@ class GeoCLIP(nn.Module):
         return self.scale() * self.encode_image(x) @ self.class_embeddings().T
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities ``(N, C)`` and unit image embeddings ``(N, D)`` for raw tiles."""
-        img = self.encode_image(x)
+    def predict(self, x: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities ``(N, C)`` and unit image embeddings ``(N, D)`` for raw tiles.
+
+        ``tta``: embed the tile's 8 flips and 90-degree rotations and average them (8x the compute).
+        """
+        if tta:
+            img = F.normalize(sum(self.encode_image(v) for v in dihedral_views(x)), dim=-1)
+        else:
+            img = self.encode_image(x)
         return (self.scale() * img @ self.class_embeddings().T).softmax(dim=-1), img
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and 90-degree rotations of ``(N, C, H, W)`` tiles: seen from above, ground cover has no "up"."""
+    turns = [torch.rot90(x, k, (2, 3)) for k in range(4)]
+    return turns + [t.flip(3) for t in turns]
 
 
 @torch.no_grad()
 def predict_batches(model: GeoCLIP, images: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
-                    band_idx: list[int] | None = None, progress=None) -> tuple[np.ndarray, np.ndarray]:
+                    band_idx: list[int] | None = None, progress=None, tta: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities ``(N, C)`` and embeddings ``(N, D)`` (float32) for raw tiles, in bounded batches.
 
     The one inference loop shared by evaluation and the served pyfunc, so both compute the same numbers.
-    ``band_idx`` picks the model's bands from wider input; ``progress`` wraps the batch starts (e.g. tqdm).
+    ``band_idx`` picks the model's bands from wider input; ``progress`` wraps the batch starts (e.g. tqdm);
+    ``tta`` averages the embeddings of each tile's 8 flips/rotations (:func:`dihedral_views`).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -175,7 +189,7 @@ def predict_batches(model: GeoCLIP, images: np.ndarray, batch_size: int, device:
         # uint16 has partial kernel support; channels_last makes oneDNN / cuDNN convolutions faster.
         x = x.to(torch.int32 if cuda else torch.float32).to(device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            p, e = model.predict(x)
+            p, e = model.predict(x, tta=tta)
         probs.append(p.float().cpu().numpy())
         embs.append(e.float().cpu().numpy())
     if not probs:  # an empty input still answers with the right widths

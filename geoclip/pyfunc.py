@@ -33,6 +33,10 @@ SERVING_PACKAGES = ("torch", "timm", "numpy", "mlflow")
 class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
     """Serve a saved GeoCLIP: ``(N, bands, H, W)`` uint16 tiles in the training data's band order -> probs, embeddings."""
 
+    def __init__(self, tta: bool = False):
+        super().__init__()
+        self.tta = tta  # the default of the ``tta`` param: what the model was evaluated with
+
     def load_context(self, context) -> None:
         """Load the saved model directory and work out which input bands it uses."""
         from geoclip.model import load_model
@@ -52,7 +56,8 @@ class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
             raise GeoclipError(f"model input: shape {x.shape}, expected (N, {n_in}, H, W) with bands "
                                f"{list(self.model.cfg.input_band_names)}")
         batch = int((params or {}).get("batch_size") or DEFAULT_BATCH)
-        probs, embs = predict_batches(self.model, x, batch, self.device, band_idx=self.band_idx)
+        tta = bool((params or {}).get("tta", getattr(self, "tta", False)))  # models logged before tta: off
+        probs, embs = predict_batches(self.model, x, batch, self.device, band_idx=self.band_idx, tta=tta)
         return {"probabilities": probs, "embeddings": embs}
 
 
@@ -74,7 +79,7 @@ def _model_config(model_dir: str | Path):
 
 
 @contextlib.contextmanager
-def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray) -> Iterator[dict]:
+def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray, tta: bool = False) -> Iterator[dict]:
     """Keyword arguments shared by ``log_model`` and ``save_model``: signature, example, code, metadata."""
     from geoclip.model import CONFIG_FILE, WEIGHTS_FILE
 
@@ -87,7 +92,7 @@ def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray) -> Iterator
         inputs=Schema([TensorSpec(np.dtype(np.uint16), (-1, *expected))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(cfg.class_names)), name="probabilities"),
                         TensorSpec(np.dtype(np.float32), (-1, cfg.embed_dim), name="embeddings")]),
-        params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH)]))
+        params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH), ParamSpec("tta", "boolean", tta)]))
     with tempfile.TemporaryDirectory(prefix="geoclip-pyfunc-") as tmp:
         # Only the weights and config travel: the model folder also holds run info and other outputs.
         artifact = Path(tmp, "geoclip_model")
@@ -98,7 +103,7 @@ def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray) -> Iterator
         shutil.copytree(Path(geoclip.__file__).resolve().parent, code,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         yield dict(
-            python_model=GeoclipPyfunc(),
+            python_model=GeoclipPyfunc(tta),
             artifacts={ARTIFACT_KEY: str(artifact)},
             signature=signature,
             input_example=example,
@@ -110,15 +115,15 @@ def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray) -> Iterator
         )
 
 
-def log_pyfunc(model_dir: str | Path, input_example: np.ndarray, name: str = "model"):
+def log_pyfunc(model_dir: str | Path, input_example: np.ndarray, name: str = "model", tta: bool = False):
     """Log the saved model as a pyfunc into the active run; return MLflow's ``ModelInfo``."""
-    with _pyfunc_kwargs(model_dir, input_example) as kwargs:
+    with _pyfunc_kwargs(model_dir, input_example, tta) as kwargs:
         return mlflow.pyfunc.log_model(name=name, **kwargs)
 
 
-def save_pyfunc(model_dir: str | Path, input_example: np.ndarray, path: str | Path) -> Path:
+def save_pyfunc(model_dir: str | Path, input_example: np.ndarray, path: str | Path, tta: bool = False) -> Path:
     """Save the same pyfunc to a local folder (no tracking server), e.g. for offline prediction."""
-    with _pyfunc_kwargs(model_dir, input_example) as kwargs:
+    with _pyfunc_kwargs(model_dir, input_example, tta) as kwargs:
         mlflow.pyfunc.save_model(path=str(path), **kwargs)
     return Path(path)
 

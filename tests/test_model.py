@@ -14,7 +14,7 @@ from geoclip import text
 from geoclip.bands import ALL_BAND_NAMES
 from geoclip.errors import GeoclipError
 from geoclip.loss import LOSSES, clamp_logit_scale
-from geoclip.model import GeoCLIP, ModelConfig, build_model, load_model, save_model
+from geoclip.model import GeoCLIP, ModelConfig, build_model, dihedral_views, load_model, save_model
 from geoclip.tiles import read_tile
 
 CLASSES = ["Forest", "Industrial", "SeaLake"]
@@ -79,6 +79,20 @@ def test_forward_logits_match_predict(model, real_tiles):
         logits = model(x)
     probs, _ = model.predict(x)
     assert torch.allclose(logits.softmax(-1), probs, atol=1e-6)
+
+
+def test_tta_is_invariant_to_flips_and_rotations_and_averages_the_views(model):
+    x = _batch(3)
+    probs, emb = model.predict(x, tta=True)
+    for view in dihedral_views(x)[1:]:  # any flip/rotation of the input gives the same answer with tta
+        p2, e2 = model.predict(view, tta=True)
+        assert torch.allclose(e2, emb, atol=1e-5) and torch.allclose(p2, probs, atol=1e-5)
+    with torch.no_grad():
+        mean = torch.stack([model.encode_image(v) for v in dihedral_views(x)]).mean(0)
+    assert torch.allclose(emb, mean / mean.norm(dim=-1, keepdim=True), atol=1e-6)
+    plain, _ = model.predict(dihedral_views(x)[1])  # without tta a rotated tile is a different input
+    assert not torch.allclose(plain, probs, atol=1e-4)
+    assert len({tuple(v.shape) for v in dihedral_views(x)}) == 1 and len(dihedral_views(x)) == 8
 
 
 def _batch(n: int = 2, bands: int = 13) -> torch.Tensor:

@@ -10,9 +10,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from geoclip.bands import EUROSAT_CLASSES
 from geoclip.errors import GeoclipError
+from geoclip.model import load_model
 from geoclip.pyfunc import log_pyfunc, save_pyfunc
 from factories import make_model_dir, real_batch, synthetic_tiles, torch_predict
 
@@ -84,3 +86,16 @@ print(json.dumps({{"file": geoclip.__file__, "probs": out["probabilities"].tolis
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["file"].startswith(str(tmp_path / "pyfunc" / "code"))
     np.testing.assert_allclose(result["probs"], torch_predict(model_dir, x)[0], atol=1e-5)
+
+
+def test_tta_default_is_the_evaluated_setting_and_a_param_overrides_it(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model")
+    x = synthetic_tiles(3)
+    with torch.no_grad():
+        plain, _ = load_model(model_dir).predict(torch.from_numpy(x.astype(np.float32)))
+        tta, _ = load_model(model_dir).predict(torch.from_numpy(x.astype(np.float32)), tta=True)
+    served = mlflow.pyfunc.load_model(str(save_pyfunc(model_dir, x[:2], tmp_path / "tta", tta=True)))
+    np.testing.assert_allclose(served.predict(x)["probabilities"], tta.numpy(), atol=1e-5)
+    np.testing.assert_allclose(served.predict(x, params={"tta": False})["probabilities"], plain.numpy(), atol=1e-5)
+    default_off = mlflow.pyfunc.load_model(str(save_pyfunc(model_dir, x[:2], tmp_path / "plain")))
+    np.testing.assert_allclose(default_off.predict(x)["probabilities"], plain.numpy(), atol=1e-5)
