@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test test-fast docs lock clean
+.PHONY: venv demo test test-fast services docs lock clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# moto S3 :9000, MLflow :5000 (SQLite + S3 artifacts), Prefect :4200, all on 127.0.0.1; Ctrl-C stops them.
+services: venv
+	$(BIN)/geoclip services --dir .services
 
 docs: venv
 	geoclip diagram --out docs/architecture.png
