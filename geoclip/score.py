@@ -237,7 +237,8 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
     cfg = params.score
 
     def predict_fn(x: np.ndarray) -> np.ndarray:
-        return model.predict(x, params={"batch_size": cfg.batch_size})["probabilities"]
+        # score.tta, not the pyfunc default (tiles are served with the evaluated TTA; scenes rarely want 8x the work).
+        return model.predict(x, params={"batch_size": cfg.batch_size, "tta": cfg.tta})["probabilities"]
 
     kwargs = {"class_names": meta["class_names"], "window": cfg.window, "stride": cfg.stride,
               "batch_size": cfg.batch_size, "nodata": cfg.nodata, "n_bands": len(meta["input_band_names"]),

@@ -368,3 +368,24 @@ def test_truth_of_another_size_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(GeoclipError, match=r"scene_2_truth\.tif: 100x100, expected the scene's 240x256"):
         score_scene(fake_predict, scene, tmp_path / "out", CLASSES, probabilities=True)
     assert not list((tmp_path / "out").iterdir())  # no class map, no temp files
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_scene_scoring_asks_the_model_for_score_tta_not_its_default(tmp_path, tta):
+    from scoring_fakes import FakeModel
+
+    from geoclip.config import params_from_dict
+    from geoclip.score import score_one
+
+    class Recording(FakeModel):
+        seen: list = []
+
+        def predict(self, x, params=None):
+            self.seen.append(dict(params or {}))
+            return super().predict(x, params)
+
+    scene = tmp_path / "scenes" / "scene_0.tif"
+    write_scene(scene, h=128, w=128)
+    params = params_from_dict({"score": {"tta": tta, "quicklook": False}, "paths": {"reports": str(tmp_path / "r")}})
+    score_one(params, Recording(str(scene)), str(scene), str(tmp_path / "out"))
+    assert Recording.seen and all(p["tta"] is tta for p in Recording.seen)
