@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Real EuroSAT_MS tiles the synthetic spectra are compared with (`make docs`).
+REAL_TILES ?= ../shared/data/eurosat_ms_dev
 # Keep everything local and quiet: no telemetry, no hub downloads.
 export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
@@ -39,7 +41,7 @@ services: venv
 
 docs: venv
 	geoclip diagram --out docs/architecture.png
-	geoclip calibrate --out docs/calibration.md
+	geoclip calibrate --real $(REAL_TILES) --out docs/calibration.md
 
 # Re-resolve the lock from requirements.in (maintainers only).
 lock:

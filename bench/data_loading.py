@@ -17,8 +17,8 @@ import rasterio
 from rasterio.transform import from_origin
 from tqdm import tqdm
 
-from geoclip.prepare import pack
-from geoclip.tiles import discover_tiles
+from geoclip.data.prepare import pack
+from geoclip.data.tiles import discover_tiles
 
 TARGET = 100.0  # the target: packs at least 100x faster than per-file reads
 

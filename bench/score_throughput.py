@@ -2,9 +2,9 @@
 
 1. A large synthetic 13-band uint16 tiled scene (default 10980 x 10980 = one Sentinel-2 tile, 256-px blocks,
    deflate + horizontal predictor) is generated in a child process under a temporary folder (or ``--scene``).
-2. Read-only: the scene is read window by window exactly as scoring reads it (geoclip.scene_io.scan_windows:
+2. Read-only: the scene is read window by window exactly as scoring reads it (geoclip.scoring.scene_io.scan_windows:
    block-aligned strips, windows copied into the batch buffer), no model.
-3. Scoring: geoclip.score.score_scene with a real GeoCLIP (untrained, ``--encoder``; or ``--model`` = a folder
+3. Scoring: geoclip.scoring.score.score_scene with a real GeoCLIP (untrained, ``--encoder``; or ``--model`` = a folder
    written by save_model, or an MLflow model URI / pyfunc folder): class-map COG, quick-look, summary.
 
 Also times decoding the block-aligned strips alone (GDAL's speed on the file, no window assembly).
@@ -105,7 +105,7 @@ def make_predict_fn(args):
     import torch
 
     from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASSES
-    from geoclip.model import GeoCLIP, ModelConfig, load_model, predict_batches
+    from geoclip.model.clip import GeoCLIP, ModelConfig, load_model, predict_batches
 
     device = torch.device(args.device)
     if args.model and not (Path(args.model) / "model.pt").exists():  # an MLflow URI or pyfunc folder
@@ -134,7 +134,7 @@ def strips_only(scene: str, args) -> dict:
     import rasterio
     from rasterio.windows import Window
 
-    from geoclip.scene_io import scene_env, strip_rows
+    from geoclip.scoring.scene_io import scene_env, strip_rows
 
     started = time.perf_counter()
     with scene_env(scene), rasterio.open(scene) as src:
@@ -151,7 +151,7 @@ def read_only(scene: str, args) -> dict:
     """Read the scene window by window exactly as scoring does (strips, window batches), without a model."""
     import rasterio
 
-    from geoclip.scene_io import scan_windows, scene_env
+    from geoclip.scoring.scene_io import scan_windows, scene_env
 
     started, windows = time.perf_counter(), 0
     with RssSampler() as rss, scene_env(scene), rasterio.open(scene) as src:
@@ -165,8 +165,8 @@ def read_only(scene: str, args) -> dict:
 
 
 def scoring(scene: str, args, out: Path) -> dict:
-    """Score the scene with geoclip.score.score_scene and a real model; outputs go to ``out``."""
-    from geoclip.score import score_scene
+    """Score the scene with geoclip.scoring.score.score_scene and a real model; outputs go to ``out``."""
+    from geoclip.scoring.score import score_scene
 
     predict_fn, names, what = make_predict_fn(args)
     started = time.perf_counter()
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "platform": platform.platform(), "torch": torch.__version__,
                                      "gdal": rasterio.__gdal_version__,
                                      "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}}
-        import geoclip.score  # noqa: F401  (imported before the baseline, as in every phase)
+        import geoclip.scoring.score  # noqa: F401  (imported before the baseline, as in every phase)
 
         figures["rss_baseline_gib"] = round(RssSampler.rss() / 2**30, 3)  # interpreter + torch + GDAL, no data
         if not args.skip_read:

@@ -1,8 +1,10 @@
 """Training throughput of GeoCLIP's step on 13-band 64x64 tiles: images/s and fraction of peak FLOP/s.
 
-One step = image encoder + projection forward, class embeddings, label-aware contrastive loss, backward
-and AdamW step, on data already on the device. Per model, batch size and mode (precision,
-channels_last, torch.compile off/on). Warm-up steps (the first one compiles) are not timed; each timed
+One step = training's own step, ``geoclip.training.step.training_step``: augmentation of raw tiles, image
+encoder + projection forward, class embeddings, the ``--loss`` contrastive loss with the logit scale and bias,
+backward, AdamW step (training's parameter groups), learning-rate schedule step and logit-scale clamp, on data
+already on the device. Per model, batch size and mode (precision, channels_last, torch.compile of the module
+DDP wraps in training off/on). Warm-up steps (the first one compiles) are not timed; each timed
 step is bracketed by CUDA synchronisation and the median step time is reported. FLOPs of one step
 (forward + backward) come from ``torch.utils.flop_counter.FlopCounterMode`` on the eager model;
 achieved FLOP/s = FLOPs / median step time, divided by the device peak for the fraction of peak.
@@ -23,61 +25,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # geoclip from thi
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from geoclip import loss as geoloss
 from geoclip.bands import ALL_BAND_NAMES
-from geoclip.model import GeoCLIP, ModelConfig
+from geoclip.model.clip import GeoCLIP, ModelConfig
+from geoclip.model.loss import LOSSES
+from geoclip.training.step import EmbeddingStep, lr_schedule, make_optimizer, training_step
 
 N_CLASSES, TILE, EMBED = 10, 64, 128
+# params.yaml's train defaults (geoclip.config needs PyYAML, which the GPU machine may lack); values, not cost.
+LR, WEIGHT_DECAY, WARMUP_FRACTION, GAIN_NOISE = 1e-3, 1e-4, 0.1, 0.05
 # Dense BF16 Tensor Core peaks from NVIDIA's datasheets (the sparse figures halved).
 GPU_PEAKS = [("H100 PCIe", 756.0, "NVIDIA H100 PCIe datasheet: BF16 1513 TFLOPS sparse = 756 dense"),
              ("H100", 989.0, "NVIDIA H100 SXM datasheet: BF16 1979 TFLOPS sparse = 989 dense"),
              ("H200", 989.0, "NVIDIA H200 SXM datasheet: BF16 1979 TFLOPS sparse = 989 dense")]
 
 
-class Step(nn.Module):
-    """The part of a training step that torch.compile sees (as geoclip.train's DDP-wrapped step)."""
-
-    def __init__(self, model: GeoCLIP):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit image and class embeddings."""
-        return self.model.encode_image(x), self.model.class_embeddings()
-
-
-def make_model(name: str, n_classes: int = N_CLASSES, seed: int = 0) -> GeoCLIP:
+def make_model(name: str, n_classes: int = N_CLASSES, seed: int = 0, loss: str = "clip") -> GeoCLIP:
     """A GeoCLIP with a timm ``name`` encoder for 13 bands and random prompt features (no sentence encoder)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(image_encoder=name, embed_dim=EMBED, band_names=list(ALL_BAND_NAMES),
                       class_names=[f"class{i}" for i in range(n_classes)], prompts=[["p"]] * n_classes,
-                      band_mean=[1500.0] * 13, band_std=[800.0] * 13)
+                      band_mean=[1500.0] * 13, band_std=[800.0] * 13, loss=loss)
     return GeoCLIP(cfg, torch.randn(n_classes, 1, 384))
 
 
-def contrastive(img: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor, model: GeoCLIP) -> torch.Tensor:
-    """The training loss (label-aware CLIP), through the shared ``LOSSES`` table when it exists."""
-    if hasattr(geoloss, "LOSSES"):
-        return geoloss.LOSSES["clip"](img, cls, labels, model.logit_scale, model.logit_bias)
-    return geoloss.label_aware_clip_loss(img, cls, labels, model.logit_scale)
-
-
-def make_step(model: GeoCLIP, x: torch.Tensor, labels: torch.Tensor, bf16: bool, compiled: bool):
-    """A closure running one full training step; returns it and the optimiser."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=x.device.type == "cuda")  # as geoclip.train
-    step_module = Step(model)
+def make_step(model: GeoCLIP, x: torch.Tensor, labels: torch.Tensor, bf16: bool, channels_last: bool,
+              compiled: bool, loss: str, total_steps: int):
+    """A closure running training's step on ``x`` with training's optimiser and schedule; returns the loss."""
+    opt = make_optimizer(model, LR, WEIGHT_DECAY)
+    sched = lr_schedule(opt, total_steps, WARMUP_FRACTION)
+    step_module = EmbeddingStep(model)
     fwd = torch.compile(step_module, dynamic=False) if compiled else step_module
+    cls_idx = torch.arange(len(model.cfg.class_names), device=x.device)
+    gen = torch.Generator().manual_seed(0)
 
-    def step() -> None:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            img, cls = fwd(x)
-        loss = contrastive(img.float(), cls.float(), labels, model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def step() -> torch.Tensor:
+        return training_step(fwd, model, opt, sched, x, labels, cls_idx, loss_fn=LOSSES[loss], generator=gen,
+                             gain_noise=GAIN_NOISE, bf16=bf16, channels_last=channels_last)
 
     return step
 
@@ -138,17 +123,19 @@ def device_peak(device: torch.device, bf16: bool, override: float) -> tuple[floa
 
 
 def measure(name: str, batch: int, device: torch.device, bf16: bool, channels_last: bool, compiled: bool,
-            steps: int, warmup: int, flops: int | None) -> dict:
+            steps: int, warmup: int, flops: int | None, loss: str = "clip") -> dict:
     """One configuration's step time, images/s and FLOPs per step (``flops`` reused when given)."""
     torch._dynamo.reset()  # a fresh compile per configuration; no recompile limits across shapes
-    model = make_model(name).to(device)
-    x = torch.randint(200, 4000, (batch, 13, TILE, TILE), device=device).float()  # raw digital numbers
+    model = make_model(name, loss=loss).to(device)
+    # Raw digital numbers as int32, what training's tile batches are (widened from the packs' uint16).
+    x = torch.randint(200, 4000, (batch, 13, TILE, TILE), device=device, dtype=torch.int32)
     labels = torch.randint(0, N_CLASSES, (batch,), device=device)
-    if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if channels_last:  # the step makes its input channels_last; the weights are made so here, as in training
+        model = model.to(memory_format=torch.channels_last)
+    total = warmup + steps + 1  # the schedule spans every step run here (the flop count's included)
     if flops is None:
-        flops = count_flops(make_step(model, x, labels, bf16, compiled=False))
-    step = make_step(model, x, labels, bf16, compiled)
+        flops = count_flops(make_step(model, x, labels, bf16, channels_last, False, loss, total))
+    step = make_step(model, x, labels, bf16, channels_last, compiled, loss, total)
     sync(device)
     t0 = time.perf_counter()
     step()  # the first step compiles when compile is on: reported, never timed with the rest
@@ -177,9 +164,9 @@ def run_bench(args, device: torch.device) -> list[dict]:
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "precision": "bf16" if bf16 else "fp32",
            "channels_last": not args.no_channels_last, "peak_tflops": peak, "peak_source": source,
-           "steps": args.steps, "warmup": args.warmup}
+           "steps": args.steps, "warmup": args.warmup, "loss": args.loss}
     print(f"# {env['device']} | torch {env['torch']} | threads {env['threads']} | {env['precision']} | "
-          f"channels_last {env['channels_last']} | peak {peak} TFLOP/s ({source})")
+          f"channels_last {env['channels_last']} | loss {args.loss} | peak {peak} TFLOP/s ({source})")
     print(f"{'model':10} {'batch':>6} {'compile':>7} {'img/s':>10} {'step ms':>9} {'GFLOP/step':>11} "
           f"{'TFLOP/s':>8} {'%peak':>6} {'1st step s':>10} {'cpu util':>8}")
     rows: list[dict] = []
@@ -190,7 +177,7 @@ def run_bench(args, device: torch.device) -> list[dict]:
                 row = {"model": name, "batch": batch, "compile": mode == "on", **env}
                 try:
                     row |= measure(name, batch, device, bf16, env["channels_last"], mode == "on", args.steps,
-                                   args.warmup, flops)
+                                   args.warmup, flops, args.loss)
                 except Exception as exc:  # noqa: BLE001 - an OOM or a compile failure costs one row, not the run
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
                     print(f"{name:10} {batch:>6} {mode:>7} failed: {row['error']}")
@@ -220,12 +207,10 @@ def write_rows(path: str, rows: list[dict]) -> None:
 
 
 def smoke(device: torch.device, steps: int, out: str | None, name: str = "resnet18") -> bool:
-    """Train a small model on separable synthetic tiles on ``device`` (bf16 + channels_last on CUDA; data there).
+    """Train a small model with training's step on separable synthetic tiles on ``device`` (data there).
 
     Returns whether it learned: held-out top-1 >= 0.9 and the last loss below the first.
     """
-    from geoclip.augment import augment
-
     cuda = device.type == "cuda"
     rng = np.random.default_rng(0)
     spectra = rng.uniform(500, 4000, size=(3, 13))
@@ -233,7 +218,7 @@ def smoke(device: torch.device, steps: int, out: str | None, name: str = "resnet
     def tiles(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = rng.integers(0, 3, n)
         x = spectra[y][:, :, None, None] * rng.uniform(0.8, 1.2, (n, 1, 1, 1)) + rng.normal(0, 150, (n, 13, TILE, TILE))
-        # int32 on the device: uint16 lacks CUDA kernels (geoclip.train keeps an int16 bit-view and widens it).
+        # int32 on the device: uint16 lacks CUDA kernels (geoclip.training.train keeps an int16 bit-view and widens it).
         return torch.from_numpy(np.clip(x, 1, 20000).astype(np.int32)).to(device), torch.from_numpy(y).to(device)
 
     x_train, y_train = tiles(512)
@@ -242,20 +227,16 @@ def smoke(device: torch.device, steps: int, out: str | None, name: str = "resnet
     model = make_model(name, n_classes=3).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model, LR, WEIGHT_DECAY)
+    sched = lr_schedule(opt, steps, WARMUP_FRACTION)
+    step_module, cls_idx = EmbeddingStep(model), torch.arange(3, device=device)
     gen = torch.Generator().manual_seed(0)
     losses = []
-    for i in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(x_train), (64,), generator=gen).to(device)
-        x = augment(x_train[idx], gen, 0.05)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            img, cls = Step(model)(x)
-        loss = contrastive(img.float(), cls.float(), y_train[idx], model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = training_step(step_module, model, opt, sched, x_train[idx], y_train[idx], cls_idx,
+                             loss_fn=LOSSES["clip"], generator=gen, gain_noise=GAIN_NOISE, bf16=cuda,
+                             channels_last=cuda)
         losses.append(loss.item())
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -277,6 +258,7 @@ def main() -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                     help="default: 32 64 128 on CPU, 256 512 1024 2048 4096 on CUDA")
     ap.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"])
+    ap.add_argument("--loss", choices=sorted(LOSSES), default="clip", help="train.loss (siglip trains the bias)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on CUDA)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps incl. the first (default: 1 CPU, 5 CUDA)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU too")

@@ -2,7 +2,7 @@
 
 The fan-out runs on the task runner chosen by ``score.task_runner``: a thread pool on this machine, or Dask
 (``score.dask_address``, or a local cluster of ``score.dask_workers`` processes) so many machines share the work.
-The manifest (geoclip.ledger) keeps it exactly once whatever runs, retries or workers overlap.
+The manifest (geoclip.scoring.ledger) keeps it exactly once whatever runs, retries or workers overlap.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from pathlib import Path
 from prefect import flow, task, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import transient
 from geoclip.config import ScoreConfig, load_params
+from geoclip.retries import retry_condition
+from geoclip.scoring.runs import ScoringPlan
 
-# Backoff for S3, MLflow and network failures; input errors fail at once (flows.transient).
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 30, 120], "retry_condition_fn": transient}
+# Backoff for S3, MLflow and network failures; input errors fail at once (geoclip.retries).
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [5, 30, 120], "retry_condition_fn": retry_condition}
 
 
 def make_task_runner(cfg: ScoreConfig):
@@ -34,58 +35,40 @@ def make_task_runner(cfg: ScoreConfig):
 
 
 @task(**IO_RETRIES)
-def champion_task(params_path: str, model_uri: str | None = None) -> str:
-    """Resolve the model URI (default: the champion alias) to one registered version."""
-    from geoclip.score import resolve_model_uri
-    from geoclip.tracking import configure
+def plan_task(params_path: str, source: str | None, out_dir: str | None, model_uri: str | None) -> ScoringPlan:
+    """Pin the model (default: the champion alias), list the scenes and check every one (geoclip.scoring.runs)."""
+    from geoclip.scoring.runs import plan_scoring
 
-    params = load_params(params_path)
-    configure(params)
-    return resolve_model_uri(model_uri or params.score.model_uri)
-
-
-@task(**IO_RETRIES)
-def list_scenes_task(source: str) -> list[str]:
-    """List the scenes of a folder or S3 prefix."""
-    from geoclip.score import list_scenes
-
-    return list_scenes(source)
+    return plan_scoring(load_params(params_path), model_uri, source, out_dir)
 
 
 @task(**IO_RETRIES, tags=["geoclip-scoring"])
-def score_scene_task(params_path: str, model_uri: str, scene_uri: str, out_uri: str) -> dict:
+def score_scene_task(params_path: str, plan: ScoringPlan, scene_uri: str) -> dict:
     """Score one scene with the pinned model unless the manifest has it done (claim -> score -> done -> release)."""
-    from geoclip.batch import score_scene_once
-    from geoclip.score import load_scoring_model
-    from geoclip.tracking import configure
+    from geoclip.scoring.runs import score_planned_scene
 
-    params = load_params(params_path)
-    configure(params)
-    return score_scene_once(params, lambda: load_scoring_model(model_uri), scene_uri, out_uri, model_uri)
+    return score_planned_scene(load_params(params_path), plan, scene_uri)
 
 
 @task(**IO_RETRIES)
-def summary_task(results: list[dict], out_uri: str, model_uri: str) -> str:
+def summary_task(results: list[dict], plan: ScoringPlan) -> str:
     """Write the overall summary.json; return where it is."""
-    from geoclip.score import write_summary
+    from geoclip.scoring.score import write_summary
 
-    return write_summary(results, out_uri, model_uri)
+    return write_summary(results, plan.out, plan.model_uri)
 
 
 @flow(name="geoclip-score-scenes", log_prints=True)
 def score_scenes_flow(params_path: str, source: str | None = None, out_dir: str | None = None,
                       model_uri: str | None = None) -> dict:
     """The fan-out itself (its task runner is set by :func:`scoring_flow`)."""
-    params = load_params(params_path)
-    out = out_dir or params.paths.scores
-    pinned = champion_task(params_path, model_uri)
-    scenes = list_scenes_task(source or params.score.scenes)
-    results = score_scene_task.map(unmapped(params_path), unmapped(pinned), scenes, unmapped(out)).result()
-    summary = summary_task(results, out, pinned)
+    plan = plan_task(params_path, source, out_dir, model_uri)
+    results = score_scene_task.map(unmapped(params_path), unmapped(plan), plan.scenes).result()
+    summary = summary_task(results, plan)
     scored = sum(r.get("status") == "scored" for r in results)
-    print(f"{len(results)} scene(s) with {pinned}: {scored} scored, {len(results) - scored} already done; "
+    print(f"{len(results)} scene(s) with {plan.model_uri}: {scored} scored, {len(results) - scored} already done; "
           f"summary at {summary}")
-    return {"model_uri": pinned, "summary": summary, "scenes": results}
+    return {"model_uri": plan.model_uri, "summary": summary, "scenes": results}
 
 
 @flow(name="geoclip-scoring", log_prints=True)

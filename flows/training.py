@@ -1,66 +1,53 @@
-"""Prefect flow for training: ingest -> validate -> prepare -> train -> evaluate -> register, the same library calls as DVC."""
+"""Prefect flow for training: ingest -> validate -> prepare -> train -> evaluate -> register, the same stages as DVC."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from prefect import flow, task
 
-from flows import transient
+from geoclip import stages
 from geoclip.config import load_params
+from geoclip.retries import retry_condition
 
-IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient}
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": retry_condition}
 
 
 @task(**IO_RETRIES)
 def ingest_task(params_path: str) -> dict:
     """Bring the tiles from ingest.source (synthetic, folder, manifest, s3://) into the raw folder."""
-    from geoclip.ingest import ingest
-
-    return ingest(load_params(params_path))
+    return stages.ingest(load_params(params_path))
 
 
 @task(**IO_RETRIES)
 def validate_task(params_path: str) -> dict:
     """Run the Great Expectations suites on the raw data."""
-    from geoclip.validate import validate
-
-    return validate(load_params(params_path))
+    return stages.validate(load_params(params_path))
 
 
 @task(**IO_RETRIES)
 def prepare_task(params_path: str) -> str:
     """Split, compute band statistics and pack the tiles; return the prepared folder."""
-    from geoclip.prepare import prepare
-
-    return str(prepare(load_params(params_path)))
+    return str(stages.prepare(load_params(params_path)))
 
 
 @task
 def train_task(params_path: str) -> str:
     """Train through torchrun (no retries: a failed run is worth a look); return the MLflow run id."""
-    from geoclip.tracking import RUN_INFO_FILE
-    from geoclip.train import launch
+    from geoclip.registry.tracking import read_run_info
 
-    launch(params_path)
-    return json.loads((Path(load_params(params_path).paths.model) / RUN_INFO_FILE).read_text())["run_id"]
+    stages.launch_training(params_path)
+    return read_run_info(load_params(params_path))["run_id"]
 
 
 @task(**IO_RETRIES)
 def evaluate_task(params_path: str) -> dict:
     """Evaluate the trained model on the test split; return the metrics."""
-    from geoclip.evaluate import evaluate
-
-    return evaluate(load_params(params_path))
+    return stages.evaluate(load_params(params_path))
 
 
-@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=transient)
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=retry_condition)
 def register_task(params_path: str) -> dict:
     """Log and register the model; move the champion alias only on a better metric."""
-    from geoclip.register import register
-
-    return register(load_params(params_path))
+    return stages.register(load_params(params_path))
 
 
 @flow(name="geoclip-training", log_prints=True)

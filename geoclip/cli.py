@@ -1,4 +1,4 @@
-"""The ``geoclip`` command line: one subcommand per pipeline step, plus predict and calibrate."""
+"""The ``geoclip`` command line: one subcommand per pipeline stage (geoclip.stages), plus the tools around them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from geoclip import stages
 from geoclip.config import load_params
 from geoclip.errors import GeoclipError
 
@@ -18,17 +19,15 @@ def _print(obj) -> None:
 
 def cmd_ingest(args) -> None:
     """Bring tiles from ingest.source (synthetic, folder, manifest, s3://) into paths.raw."""
-    from geoclip.ingest import ingest
-
-    _print(ingest(load_params(args.params)))
+    _print(stages.ingest(load_params(args.params)))
 
 
 def cmd_calibrate(args) -> None:
     """Compare synthetic spectra with real EuroSAT_MS tiles; write a markdown table."""
-    from geoclip.synth import calibrate
+    from geoclip.data.synth import calibrate
 
     params = load_params(args.params)
-    from geoclip.diagram import draw_samples
+    from geoclip.devtools.diagram import draw_samples
 
     tiles = Path(params.paths.raw) / "tiles"
     calibrate(Path(args.real), tiles, Path(args.out))
@@ -38,46 +37,36 @@ def cmd_calibrate(args) -> None:
 
 def cmd_validate(args) -> None:
     """Run the Great Expectations suites on the raw data."""
-    from geoclip.validate import validate
-
-    _print(validate(load_params(args.params)))
+    _print(stages.validate(load_params(args.params)))
 
 
 def cmd_prepare(args) -> None:
     """Split, compute band statistics and pack the tiles."""
-    from geoclip.prepare import prepare
-
-    print(f"wrote {prepare(load_params(args.params))}")
+    print(f"wrote {stages.prepare(load_params(args.params))}")
 
 
 def cmd_train(args) -> None:
     """Train through torchrun (``--in-process`` to skip torchrun, for debugging)."""
-    from geoclip import train
-
     if args.in_process:
-        _print(train.train(load_params(args.params), resume=args.resume))
+        _print(stages.train(load_params(args.params), resume=args.resume))
     else:
         load_params(args.params)  # fail fast on bad params before starting workers
-        train.launch(args.params, resume=args.resume)
+        stages.launch_training(args.params, resume=args.resume)
 
 
 def cmd_evaluate(args) -> None:
     """Evaluate the trained model on the test split."""
-    from geoclip.evaluate import evaluate
-
-    _print(evaluate(load_params(args.params)))
+    _print(stages.evaluate(load_params(args.params)))
 
 
 def cmd_register(args) -> None:
     """Log the model to MLflow, register it and move the aliases."""
-    from geoclip.register import register
-
-    _print(register(load_params(args.params)))
+    _print(stages.register(load_params(args.params)))
 
 
 def cmd_registry(args) -> None:
     """Registry aliases: `promote VERSION` to champion, `rollback` to the previous champion, `list` versions."""
-    from geoclip import registry
+    from geoclip.registry import aliases as registry
 
     params = load_params(args.params)
     if args.action == "list":
@@ -107,18 +96,16 @@ def cmd_registry(args) -> None:
 
 def cmd_score(args) -> None:
     """Score large scenes with the registered champion."""
-    from geoclip.score import score_scenes
-
-    _print(score_scenes(load_params(args.params), model_uri=args.model, source=args.scenes, out_dir=args.out))
+    _print(stages.score(load_params(args.params), model_uri=args.model, source=args.scenes, out_dir=args.out))
 
 
 def cmd_predict(args) -> None:
     """Classify tiles and write a CSV of classes and probabilities."""
-    from geoclip.predict import predict_tiles
+    from geoclip.scoring.predict import predict_tiles
 
     params = load_params(args.params)
     if args.model is None:
-        from geoclip.tracking import configure
+        from geoclip.registry.tracking import configure
 
         configure(params)
     df = predict_tiles(args.tiles, args.model or params.score.model_uri, args.out, batch_size=args.batch_size)
@@ -127,7 +114,7 @@ def cmd_predict(args) -> None:
 
 def cmd_storage(args) -> None:
     """DVC storage: `configure` the S3 remote in .dvc/config.local, or print the data `version`."""
-    from geoclip.storage import configure_remote, data_version
+    from geoclip.data.storage import configure_remote, data_version
 
     params = load_params(args.params)
     if args.action == "configure":
@@ -138,7 +125,7 @@ def cmd_storage(args) -> None:
 
 def cmd_export(args) -> None:
     """Export the image encoder + class embeddings (TorchScript or ONNX), checked against PyTorch."""
-    from geoclip.export import export_model
+    from geoclip.registry.export import export_model
 
     params = load_params(args.params)
     model_dir = args.model or params.paths.model
@@ -150,20 +137,20 @@ def cmd_fewshot(args) -> None:
     """Adapt a trained model with k labelled tiles per class; print zero-shot vs adapted accuracy on the rest."""
     from dataclasses import replace
 
-    from geoclip.fewshot import fewshot, format_table
+    from geoclip.training.fewshot import format_table
 
     params = load_params(args.params)
     f = params.fewshot
     params = replace(params, fewshot=replace(f, shots=f.shots if args.shots is None else args.shots,
                                              method=args.method or f.method))
-    result = fewshot(params, args.tiles, args.model or params.score.model_uri, args.out)
+    result = stages.fewshot(params, args.tiles, args.model or params.score.model_uri, args.out)
     print(format_table(result))
     print(f"wrote {args.out}")
 
 
 def cmd_diagram(args) -> None:
     """Draw the architecture diagram."""
-    from geoclip.diagram import draw_architecture
+    from geoclip.devtools.diagram import draw_architecture
 
     draw_architecture(Path(args.out))
     print(f"wrote {args.out}")
@@ -171,7 +158,7 @@ def cmd_diagram(args) -> None:
 
 def cmd_services(args) -> None:
     """Start moto S3, MLflow (SQLite, S3 artifacts) and Prefect on 127.0.0.1 until Ctrl-C."""
-    from geoclip.services import run_services
+    from geoclip.devtools.services import run_services
 
     run_services(args.dir, {"s3": args.s3_port, "mlflow": args.mlflow_port, "prefect": args.prefect_port})
     print("services stopped")
@@ -209,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__, parents=[common])
-    p.add_argument("--real", default="../shared/data/eurosat_ms_dev", help="folder of real EuroSAT_MS tiles")
+    p.add_argument("--real", required=True, help="folder of real EuroSAT_MS tiles to compare with")
     p.add_argument("--out", default="docs/calibration.md")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("storage", help=cmd_storage.__doc__, parents=[common])

@@ -16,18 +16,19 @@ from mlflow import MlflowClient
 from rasterio.transform import from_origin
 
 from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASSES
-from geoclip.model import GeoCLIP, ModelConfig, load_model, save_model
-from geoclip.pyfunc import log_pyfunc
-from geoclip.tiles import discover_tiles, read_tile
+from geoclip.data.tiles import discover_tiles, read_tile
+from geoclip.model.clip import GeoCLIP, ModelConfig, load_model, save_model
+from geoclip.registry.pyfunc import log_pyfunc
+
 
 def make_tile(path: Path, data: np.ndarray | None = None, *, bands: int = 13, size: int = 64,
-              dtype: str = "uint16", crs: str | None = "EPSG:32632", seed: int = 0,
-              descriptions: list[str] | None = None) -> Path:
-    """Write a small georeferenced GeoTIFF (random plausible DNs unless ``data`` is given; band names optional)."""
+              dtype: str = "uint16", crs: str | None = "EPSG:32632", origin: tuple[float, float] = (500000, 5000000),
+              seed: int = 0, descriptions: list[str] | None = None) -> Path:
+    """Write a GeoTIFF tile: ``data`` (bands, H, W) or random DNs, 10 m pixels from ``origin``, CRS optional."""
     if data is None:
         data = np.random.default_rng(seed).integers(100, 5000, (bands, size, size)).astype(dtype)
     profile = {"driver": "GTiff", "count": data.shape[0], "height": data.shape[1], "width": data.shape[2],
-               "dtype": data.dtype.name, "transform": from_origin(500000, 5000000, 10, 10)}
+               "dtype": data.dtype.name, "transform": from_origin(*origin, 10, 10)}
     if crs:
         profile["crs"] = crs
     path.parent.mkdir(parents=True, exist_ok=True)

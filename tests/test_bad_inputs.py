@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from factories import make_tile
 
 from geoclip.cli import main
@@ -131,7 +130,7 @@ def tiny_pyfunc() -> Path:
     """A tiny 13-band geoclip pyfunc saved to a local folder, once per process."""
     from factories import make_model_dir, synthetic_tiles
 
-    from geoclip.pyfunc import save_pyfunc
+    from geoclip.registry.pyfunc import save_pyfunc
 
     folder = Path(tempfile.mkdtemp(prefix="geoclip-bad-inputs-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)

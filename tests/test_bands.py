@@ -2,8 +2,15 @@
 
 import pytest
 
-from geoclip.bands import (ALL_BAND_NAMES, BAND_GSD_M, BAND_WAVELENGTH_NM, EUROSAT_CLASS_DESCRIPTIONS,
-                           EUROSAT_CLASSES, RGB_BANDS, band_indices)
+from geoclip.bands import (
+    ALL_BAND_NAMES,
+    BAND_GSD_M,
+    BAND_WAVELENGTH_NM,
+    EUROSAT_CLASS_DESCRIPTIONS,
+    EUROSAT_CLASSES,
+    RGB_BANDS,
+    band_indices,
+)
 
 
 def test_eurosat_band_order_puts_b8a_last():

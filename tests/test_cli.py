@@ -25,8 +25,9 @@ def test_bad_params_give_one_line_error_and_exit_2(tmp_path, capsys):
 
 
 def test_prepare_subcommand_runs_the_library_step(tiny_dataset, tmp_path):
-    import yaml
     from dataclasses import asdict
+
+    import yaml
 
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(asdict(tiny_dataset)))

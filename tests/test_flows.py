@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextvars
 import json
+import os
+import sys
 import threading
 import time
 import uuid
@@ -16,6 +18,7 @@ import yaml
 from factories import register_champion, write_scene
 from mlflow import MlflowClient
 
+from geoclip.devtools.services import HOST, QUIET, Server, free_port, running, wait_ready
 from geoclip.errors import GeoclipError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +131,7 @@ def test_network_and_s3_service_failures_are_transient_input_errors_are_not():
     from botocore.exceptions import ClientError, EndpointConnectionError
     from rasterio.errors import RasterioIOError
 
-    from flows import is_transient
+    from geoclip.retries import is_transient
 
     def wrapped(cause: Exception) -> GeoclipError:
         try:
@@ -223,7 +226,6 @@ async def handle(client_r, client_w):
 
 async def main():
     server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
-    print("ready", flush=True)
     await server.serve_forever()
 
 asyncio.run(main())
@@ -237,56 +239,41 @@ class RestartableS3:
     while it waits for the server's answer (a deadlock no real deployment has).
     """
 
-    def __init__(self, port: int):
-        import subprocess
-        import sys
-
-        from conftest import free_port, wait_http
-
-        self.port, self.proxy = port, None
+    def __init__(self, port: int, logs: Path):
         backend = free_port()
-        self.moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(backend)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_http(f"http://127.0.0.1:{backend}/moto-api/data.json", timeout=120, proc=self.moto)
-        self.backend = backend
+        self.port = port
+        self.moto = Server("moto", [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(backend)],
+                           f"http://{HOST}:{backend}/moto-api/data.json", log=logs / "moto.log")
+        # Ready when moto answers through it.
+        self.proxy = Server("s3-proxy", [sys.executable, "-c", PROXY, str(port), str(backend)],
+                            f"http://{HOST}:{port}/moto-api/data.json", log=logs / "s3-proxy.log")
 
     def start(self) -> None:
         """Open the port again (the proxy): requests reach the same S3 state."""
-        import subprocess
-        import sys
-
-        self.proxy = subprocess.Popen([sys.executable, "-c", PROXY, str(self.port), str(self.backend)],
-                                      stdout=subprocess.PIPE, text=True)
-        assert self.proxy.stdout.readline().strip() == "ready"
+        self.proxy.start()
+        wait_ready([self.proxy], timeout=60)
 
     def stop(self) -> None:
         """Close the port: clients get connection refused."""
-        if self.proxy is not None:
-            self.proxy.kill()
-            self.proxy.wait()
-            self.proxy = None
-
-    def close(self) -> None:
-        """Stop the proxy and the S3 server."""
-        self.stop()
-        self.moto.terminate()
-        self.moto.wait(timeout=30)
+        self.proxy.stop()
 
 
 @pytest.fixture
-def restartable_s3(monkeypatch):
+def restartable_s3(tmp_path, monkeypatch):
     """A RestartableS3 with the AWS settings pointing at it; botocore retries once only, so Prefect's retries act."""
-    from conftest import free_port
-
-    s3 = RestartableS3(free_port())
-    s3.start()
-    endpoint = f"http://127.0.0.1:{s3.port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint,
-                       "AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "2"}.items():
-        monkeypatch.setenv(key, value)
-    yield s3
-    s3.close()
+    s3 = RestartableS3(free_port(), tmp_path)
+    with running(s3.moto, timeout=120):
+        try:
+            s3.start()
+            endpoint = f"http://{HOST}:{s3.port}"
+            for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                               "AWS_ENDPOINT_URL_S3": endpoint, "AWS_RETRY_MODE": "standard",
+                               "AWS_MAX_ATTEMPTS": "2"}.items():
+                monkeypatch.setenv(key, value)
+            yield s3
+        finally:
+            s3.stop()
 
 
 def _outage(s3: RestartableS3, bucket: str, seen: dict, done: threading.Event) -> None:
@@ -320,10 +307,10 @@ def _outage(s3: RestartableS3, bucket: str, seen: dict, done: threading.Event) -
 def test_a_vsis3_read_failing_in_an_outage_is_transient_a_bad_scene_is_not(tmp_path, restartable_s3):
     from scoring_fakes import counting_loader
 
-    from flows import is_transient
-    from geoclip.batch import score_scene_once
     from geoclip.config import params_from_dict
-    from geoclip.ledger import Ledger
+    from geoclip.retries import is_transient
+    from geoclip.scoring.exactly_once import score_scene_once
+    from geoclip.scoring.ledger import Ledger
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="vsis3-outage")
@@ -355,8 +342,8 @@ def test_a_vsis3_read_failing_in_an_outage_is_transient_a_bad_scene_is_not(tmp_p
 def test_a_wordless_read_failure_is_judged_by_asking_s3(restartable_s3):
     from rasterio.errors import RasterioIOError
 
-    from flows import is_transient
-    from geoclip.batch import _raise_if_s3_down
+    from geoclip.retries import is_transient
+    from geoclip.scoring.exactly_once import _raise_if_s3_down
 
     boto3.client("s3").create_bucket(Bucket="probe-bucket")
     failure = RasterioIOError("Read failed. See previous exception for details.")
@@ -375,7 +362,7 @@ def test_s3_outage_mid_run_is_retried_and_nothing_is_lost_or_duplicated(tmp_path
     from prefect import get_client
 
     import flows.scoring
-    from geoclip.ledger import Ledger
+    from geoclip.scoring.ledger import Ledger
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     name = f"geoclip-{uuid.uuid4().hex[:8]}"
@@ -422,30 +409,17 @@ def test_s3_outage_mid_run_is_retried_and_nothing_is_lost_or_duplicated(tmp_path
 @pytest.fixture
 def prefect_server(tmp_path):
     """``prefect server start`` on 127.0.0.1 (SQLite under a temp PREFECT_HOME); yields the env for its clients."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import free_port, wait_http
-
     port = free_port()
     home = tmp_path / "prefect-home"
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-                        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(tmp_path / "prefect-server.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                                 str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/api/health", timeout=240, proc=proc)
-            yield env
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://{HOST}:{port}/api", **QUIET,
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db"}
+    server = Server("prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
+                                "--port", str(port)], f"http://{HOST}:{port}/api/health", env,
+                    log=tmp_path / "prefect-server.log")
+    with running(server, timeout=240):
+        clients = os.environ | env
+        clients.pop("MLFLOW_TRACKING_URI", None)  # the flows take the tracking URI from their params
+        yield clients
 
 
 @pytest.mark.slow

@@ -1,0 +1,216 @@
+"""Ingest: bring labelled tiles from any supported source into the canonical raw layout under ``paths.raw``.
+
+Sources (``ingest.source``): ``synthetic``; a local folder of class folders at any depth (EuroSAT_MS,
+EuroSATallBands, a plain folder per class); a .csv/.parquet manifest; the same behind ``s3://``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from geoclip.bands import ALL_BAND_NAMES
+from geoclip.config import Params
+from geoclip.data import s3
+from geoclip.data.tiles import (
+    BANDS_FILE,
+    LABELS_FILE,
+    MANIFEST_SUFFIXES,
+    band_descriptions,
+    discover_tiles,
+    layout_tiles,
+    read_manifest,
+)
+from geoclip.errors import GeoclipError
+from geoclip.ioutils import atomic_dir, write_json
+
+SPLITS = ("train", "val", "test")
+CORE_COLUMNS = ("id", "path", "class", "split")
+
+
+def ingest(params: Params) -> dict:
+    """Write ``tiles/<Class>/<id>.tif``, ``labels.csv`` and ``bands.json`` under ``paths.raw``; return a summary.
+
+    The raw folder is only ever replaced as a whole, by a successful ingest (as a DVC stage output is):
+    everything is written to a temporary folder beside it and swapped in at the end, so a failure leaves
+    the previous ``paths.raw`` untouched and no partial data. Tiles of a folder source get the id
+    ``<Class>_<stem>`` (the stem alone when it already starts with ``<Class>_``, as EuroSAT's do);
+    manifest tiles keep their ``id`` column, else the file stem.
+    """
+    cfg, start = params.ingest, time.perf_counter()
+    if cfg.source == "synthetic":
+        return _ingest_synthetic(params, start)
+    if cfg.workers < 1:
+        raise GeoclipError(f"ingest.workers: {cfg.workers}; expected at least 1")
+    tiles, is_manifest = _list_source(cfg.source, Path(params.paths.raw))
+    labels = _labels(tiles, cfg.source, is_manifest, list(params.classes.names))
+    raw = Path(params.paths.raw)
+    with atomic_dir(raw) as tmp:
+        _fetch_all(tiles["path"].tolist(), [tmp / p for p in labels["path"]], labels["class"].tolist(),
+                   list(cfg.band_names), cfg.workers)
+        labels.to_csv(tmp / LABELS_FILE, index=False)
+        write_json(tmp / BANDS_FILE, {"band_names": list(cfg.band_names)})
+    return _summary(params, labels, start)
+
+
+def _ingest_synthetic(params: Params, start: float) -> dict:
+    """Generate the synthetic dataset (atomically, by synth) and record its band order."""
+    from geoclip.data.synth import generate
+
+    if list(params.ingest.band_names) != list(ALL_BAND_NAMES):
+        raise GeoclipError(f"ingest.band_names: {list(params.ingest.band_names)}; synthetic tiles are written in "
+                           f"EuroSAT order {list(ALL_BAND_NAMES)}: use that order for ingest.source 'synthetic'")
+    result = generate(params)
+    write_json(Path(params.paths.raw) / BANDS_FILE, {"band_names": list(ALL_BAND_NAMES)})
+    labels = pd.read_csv(Path(params.paths.raw) / LABELS_FILE)
+    return _summary(params, labels, start) | {"scenes": result["scenes"]}
+
+
+def _list_source(source: str, raw: Path) -> tuple[pd.DataFrame, bool]:
+    """The source's tiles (``path`` = local path or URI, ``class``, manifest columns) and whether it is a manifest."""
+    if s3.is_s3(source):
+        return _list_s3(source)
+    path = Path(source)
+    if not path.exists():
+        raise GeoclipError(f"ingest.source: {source} does not exist; expected 'synthetic', a tile folder, "
+                           f"a .csv/.parquet manifest or an s3:// URI")
+    if path.resolve().is_relative_to(raw.resolve()):
+        raise GeoclipError(f"ingest.source: {source} is inside paths.raw ({raw}), which ingest replaces; "
+                           f"keep the download elsewhere (e.g. data/downloads/)")
+    return discover_tiles(path), path.is_file()
+
+
+def _list_s3(source: str) -> tuple[pd.DataFrame, bool]:
+    """List an ``s3://`` manifest (downloaded to read it) or a folder-like prefix in a class-folder layout."""
+    s3.require_bucket(source)
+    if source.lower().endswith(MANIFEST_SUFFIXES):
+        if not s3.exists(source):
+            raise GeoclipError(f"{source}: no such object; expected a .csv/.parquet manifest at this key")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = s3.download(source, Path(tmp) / source.rsplit("/", 1)[1])
+            return read_manifest(local, base=source.rsplit("/", 1)[0]), True
+    bucket, key = s3.split_uri(source)
+    base = f"{s3.SCHEME}{bucket}/{key.strip('/')}" if key.strip("/") else f"{s3.SCHEME}{bucket}"
+    uris = s3.list_uris(base)
+    if not uris:
+        raise GeoclipError(f"{source}: no objects found; expected tiles under <Class>/ folders or a manifest "
+                           f"(s3://.../manifest.csv or .parquet)")
+    tiles = layout_tiles([u[len(base) + 1:] for u in uris], base)
+    if tiles.empty:
+        raise GeoclipError(f"{source}: no .tif tiles found among {len(uris)} objects; expected "
+                           f"<Class>/<Class>_<n>.tif under the prefix, or point ingest.source at a manifest")
+    return tiles, False
+
+
+def _labels(tiles: pd.DataFrame, where: str, is_manifest: bool, class_names: list[str]) -> pd.DataFrame:
+    """Check classes, ids and splits; return labels.csv (``path`` = where the tile goes under the raw dir)."""
+    if tiles["class"].isna().all():
+        raise GeoclipError(f"{where}: tiles have no class; expected one folder per class (<Class>/*.tif) "
+                           f"or a manifest with a 'class' column")
+    _check_rows(tiles, where, "class", lambda v: isinstance(v, str) and v.strip() != "", "a class name")
+    bad = sorted(set(tiles["class"]) - set(class_names))
+    if bad:
+        raise GeoclipError(f"{where}: unknown class(es) {bad}; expected names from classes.names {class_names} "
+                           f"(add new classes, with a description, to classes in params.yaml)")
+    if "split" in tiles.columns:
+        _check_rows(tiles, where, "split", lambda v: v in SPLITS, f"one of {', '.join(SPLITS)}")
+    if is_manifest and "id" in tiles.columns:
+        _check_rows(tiles, where, "id", lambda v: isinstance(v, str) and v.strip() != "", "an id")
+        ids = tiles["id"].str.strip()
+    else:
+        stems = [Path(p).stem for p in tiles["path"]]
+        ids = pd.Series(stems if is_manifest else [s if s.startswith(f"{c}_") else f"{c}_{s}"
+                                                   for s, c in zip(stems, tiles["class"])], index=tiles.index)
+    unsafe = sorted({i for i in ids if "/" in i or "\\" in i or i.startswith(".")})
+    if unsafe:
+        raise GeoclipError(f"{where}: id(s) {unsafe[:5]} cannot name a file; expected ids without '/', '\\' "
+                           f"or a leading '.'")
+    dup = sorted(ids[ids.duplicated()].unique())
+    if dup:
+        raise GeoclipError(f"{where}: duplicate id(s) {dup[:10]}{' ...' if len(dup) > 10 else ''}; "
+                           f"every tile needs its own id (it names tiles/<Class>/<id>.tif)")
+    labels = pd.DataFrame({"id": ids, "path": [f"tiles/{c}/{i}.tif" for c, i in zip(tiles["class"], ids)],
+                           "class": tiles["class"]})
+    extra = [c for c in tiles.columns if c not in CORE_COLUMNS]
+    for col in (["split"] if "split" in tiles.columns else []) + extra:
+        labels[col] = tiles[col].to_numpy()
+    return labels.reset_index(drop=True)
+
+
+def _check_rows(df: pd.DataFrame, where: str, col: str, ok, expected: str) -> None:
+    """Raise naming the first row whose ``col`` value fails ``ok``."""
+    bad = [i for i, v in enumerate(df[col]) if not ok(v)]
+    if bad:
+        i = bad[0]
+        raise GeoclipError(f"{where}: row {i + 1} ({df['path'].iloc[i]}): {col} {df[col].iloc[i]!r}; "
+                           f"expected {expected}" + (f" ({len(bad)} rows like this)" if len(bad) > 1 else ""))
+
+
+def _copy(src: str, dst: Path, client) -> None:
+    """Copy one tile from a local path or ``s3://`` URI to ``dst``."""
+    if s3.is_s3(src):
+        s3.download_small(src, dst, client)
+        return
+    try:
+        shutil.copy2(src, dst)
+    except FileNotFoundError as exc:
+        raise GeoclipError(f"{src}: no such file (listed by ingest.source)") from exc
+    except OSError as exc:
+        raise GeoclipError(f"{src}: cannot copy ({exc.strerror or exc})") from exc
+
+
+def _fetch_all(srcs: list[str], dsts: list[Path], classes: list[str], band_names: list[str], workers: int) -> None:
+    """Copy every tile; the first tile of each class goes first and its band names are checked before the rest."""
+    for folder in {d.parent for d in dsts}:
+        folder.mkdir(parents=True, exist_ok=True)
+    first_of_class: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        first_of_class.setdefault(c, i)
+    first = sorted(first_of_class.values())
+    rest = sorted(set(range(len(srcs))) - set(first))
+    client = s3.client() if any(s3.is_s3(s) for s in srcs) else None  # one client: boto3 sessions are not thread-safe
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(srcs), desc="ingest", unit="tile") as bar:
+        for batch in (first, rest):
+            futures = [pool.submit(_copy, srcs[i], dsts[i], client) for i in batch]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in pending:
+                f.cancel()  # stop queued copies at the first failure
+            for f in done:
+                f.result()
+            bar.update(len(done))
+            if batch is first:
+                for i in first:
+                    _check_bands(srcs[i], dsts[i], band_names)
+
+
+def _check_bands(src: str, local: Path, expected: list[str]) -> None:
+    """Refuse a tile whose stored band names differ from ``ingest.band_names`` (in order)."""
+    try:
+        found = band_descriptions(local)
+    except GeoclipError as exc:
+        raise GeoclipError(str(exc).replace(str(local), src)) from exc  # name the source, not the temp copy
+    if found is not None and found != expected:
+        raise GeoclipError(f"{src}: band names {found} do not match ingest.band_names {expected}; "
+                           f"set ingest.band_names to the files' band order")
+
+
+def _summary(params: Params, labels: pd.DataFrame, start: float) -> dict:
+    """The ingest summary printed by the CLI."""
+    counts = labels["class"].value_counts()
+    seconds = round(time.perf_counter() - start, 1)
+    print(f"ingest: {len(labels)} tiles of {len(counts)} classes from {params.ingest.source} written to "
+          f"{params.paths.raw} in {seconds} s", file=sys.stderr)  # stdout stays for the CLI's JSON
+    return {"source": params.ingest.source, "raw": str(params.paths.raw), "n_tiles": len(labels),
+            "n_classes": len(counts), "classes": {c: int(n) for c, n in counts.sort_index().items()},
+            "missing_classes": [c for c in params.classes.names if c not in counts.index],
+            "splits": ({s: int(n) for s, n in labels["split"].value_counts().sort_index().items()}
+                       if "split" in labels.columns else None),
+            "metadata_columns": [c for c in labels.columns if c not in CORE_COLUMNS],
+            "band_names": list(params.ingest.band_names), "labels": LABELS_FILE, "seconds": seconds}

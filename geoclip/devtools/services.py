@@ -1,0 +1,218 @@
+"""Local services on 127.0.0.1 for development: moto S3, an MLflow server (SQLite + S3 artifacts), a Prefect server.
+
+``geoclip services`` starts the three as child processes, waits until each answers, prints the environment to
+export, and stops them all on Ctrl-C. State lives in one folder (default ``.services``): the MLflow and Prefect
+SQLite databases, the servers' logs, and moto's request log, replayed at the next start because moto keeps
+objects in memory only. Production uses real S3 and PostgreSQL instead (see the README).
+
+``Server``, ``running``, ``wait_ready`` and ``free_port`` are the one way to run a local server process; the test
+fixtures use them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from geoclip.errors import GeoclipError
+
+HOST = "127.0.0.1"
+DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200}
+MLFLOW_BUCKET = "geoclip-mlflow"
+S3_LOG = "s3-requests.jsonl"  # moto's recorder: every request, replayed on the next start to restore the objects
+DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+POLL_S = 0.25  # between health checks: short enough that a restart is noticed at once, cheap for the server
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port free on ``host`` now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    """True when ``url`` answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:  # refused, reset, timed out, or an HTTP error status
+        return False
+
+
+@dataclass
+class Server:
+    """One server process: its command, extra environment, the URL that answers 200 once it is ready, its log."""
+
+    name: str
+    cmd: list[str]
+    health: str
+    env: dict[str, str] = field(default_factory=dict)  # on top of os.environ
+    log: Path | None = None  # stdout and stderr, appended; None discards them
+    cwd: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Spawn the process unless it runs already; do not wait for it to answer."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        # The child keeps its own copy of the log file, so ours is closed at once.
+        with open(self.log, "ab") if self.log is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            # Own session: a terminal's Ctrl-C reaches only the launcher, and stop() reaches the server's children.
+            self.proc = subprocess.Popen(self.cmd, env=os.environ | self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd)
+
+    def check(self) -> None:
+        """GeoclipError when the process has exited: a server runs until it is stopped."""
+        if self.proc is not None and self.proc.poll() is not None:
+            see = f"; see its log {self.log}" if self.log is not None else ""
+            raise GeoclipError(f"{self.name} exited with code {self.proc.returncode}{see}")
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop the process and every process it started: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # workers it left behind (uvicorn's)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc = None
+
+
+def wait_ready(servers: Sequence[Server], timeout: float) -> None:
+    """Wait until every server answers; GeoclipError naming one that exited or did not answer in ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    pending = list(servers)
+    while True:
+        for srv in list(pending):
+            srv.check()
+            if answers(srv.health):
+                pending.remove(srv)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            logs = ", ".join(str(s.log) for s in pending if s.log is not None)
+            raise GeoclipError(f"{', '.join(s.name for s in pending)} did not answer within {timeout:g} s"
+                               + (f"; see {logs}" if logs else ""))
+        time.sleep(POLL_S)
+
+
+@contextlib.contextmanager
+def running(*servers: Server, timeout: float) -> Iterator[tuple[Server, ...]]:
+    """Start the servers together, wait until all answer, and stop them all (last first) however the block ends."""
+    try:
+        for srv in servers:
+            srv.start()
+        wait_ready(servers, timeout)
+        yield servers
+    finally:
+        for srv in reversed(servers):
+            srv.stop()
+
+
+def aws_env() -> dict[str, str]:
+    """AWS credentials and region from the environment, with dummy values where unset (moto accepts any)."""
+    return {k: os.environ.get(k) or v for k, v in DUMMY_AWS.items()}
+
+
+def exports(ports: dict[str, int], host: str = HOST) -> dict[str, str]:
+    """The environment clients need to use the services."""
+    s3 = f"http://{host}:{ports['s3']}"
+    return {"AWS_ENDPOINT_URL": s3, **aws_env(), "MLFLOW_TRACKING_URI": f"http://{host}:{ports['mlflow']}",
+            "PREFECT_API_URL": f"http://{host}:{ports['prefect']}/api"}
+
+
+def service_specs(state: Path, ports: dict[str, int], host: str = HOST) -> list[Server]:
+    """The three services (S3 first), with their state and logs under ``state``."""
+    s3 = f"http://{host}:{ports['s3']}"
+    py = sys.executable
+
+    def server(name: str, cmd: list[str], env: dict[str, str], health: str) -> Server:
+        return Server(name, cmd, health, env, log=state / f"{name}.log", cwd=state)
+
+    return [
+        server("s3", [py, "-m", "moto.server", "-H", host, "-p", str(ports["s3"])],
+               {"MOTO_ENABLE_RECORDING": "1", "MOTO_RECORDER_FILEPATH": str(state / S3_LOG)},
+               f"{s3}/moto-api/data.json"),
+        # Proxied artifacts: only this server talks to S3, clients need no S3 settings to log models.
+        server("mlflow", [py, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{state}/mlflow.db",
+                          "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/", "--host", host,
+                          "--port", str(ports["mlflow"]), "--workers", "1"],
+               {"MLFLOW_S3_ENDPOINT_URL": s3, "AWS_ENDPOINT_URL": s3, **aws_env()},
+               f"http://{host}:{ports['mlflow']}/health"),
+        server("prefect", [py, "-m", "prefect", "server", "start", "--host", host, "--port", str(ports["prefect"])],
+               {"PREFECT_HOME": str(state / "prefect"), **QUIET}, f"http://{host}:{ports['prefect']}/api/health"),
+    ]
+
+
+def _restore_s3(s3_url: str, state: Path) -> None:
+    """Replay moto's request log of earlier sessions (objects live in memory only), then make the MLflow bucket."""
+    import boto3
+
+    if (state / S3_LOG).exists() and (state / S3_LOG).stat().st_size:
+        req = urllib.request.Request(f"{s3_url}/moto-api/recorder/replay-recording", method="POST")
+        with urllib.request.urlopen(req, timeout=600):
+            pass
+    client = boto3.client("s3", endpoint_url=s3_url, **{k.lower(): v for k, v in aws_env().items()
+                                                        if k != "AWS_DEFAULT_REGION"},
+                          region_name=aws_env()["AWS_DEFAULT_REGION"])
+    if MLFLOW_BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=MLFLOW_BUCKET)
+
+
+def _watch(servers: Sequence[Server]) -> None:
+    """Return on Ctrl-C or SIGTERM; GeoclipError when a server exits."""
+    try:
+        while True:
+            for srv in servers:
+                srv.check()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping services ...", flush=True)
+
+
+def run_services(state: str | Path = ".services", ports: dict[str, int] | None = None, timeout: float = 300) -> None:
+    """Start the services, print the environment to export, and wait for Ctrl-C or SIGTERM, then stop them all.
+
+    A service that fails to start or exits raises GeoclipError (after all of them are stopped).
+    """
+    state = Path(state).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    ports = DEFAULT_PORTS | (ports or {})
+
+    def terminate(signum, frame):  # SIGTERM ends the launcher like Ctrl-C, so the services are stopped too
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        print(f"starting moto S3, MLflow and Prefect on {HOST} (state and logs in {state}) ...", flush=True)
+        s3, *others = service_specs(state, ports)
+        with running(s3, timeout=timeout):
+            _restore_s3(f"http://{HOST}:{ports['s3']}", state)  # MLflow's artifact bucket must exist before use
+            with running(*others, timeout=timeout):
+                print("services ready; in another shell run:")
+                for key, value in exports(ports).items():
+                    print(f"export {key}={value}")
+                print("Ctrl-C stops them all.", flush=True)
+                _watch([s3, *others])
+    except KeyboardInterrupt:  # during start-up: running() has already stopped what had started
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,366 @@
+"""The GeoCLIP model: a multispectral timm image encoder, a ground-cover class encoder, a temperature."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import adapt_input_conv
+from torch import nn
+
+from geoclip.bands import ALL_BAND_NAMES, band_indices
+from geoclip.errors import GeoclipError
+from geoclip.ioutils import atomic_path
+from geoclip.model.loss import MAX_LOGIT_SCALE, SIGLIP_INIT_BIAS
+
+WEIGHTS_FILE = "model.pt"
+CONFIG_FILE = "model_config.json"
+_SET_BY_GEOCLIP = ("in_chans", "num_classes", "pretrained")  # timm kwargs that encoder_args may not override
+_WRAPPER_PREFIXES = ("module.", "encoder.", "backbone.", "model.")  # DDP / SSL / Lightning key prefixes
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a trained model, stored beside its weights."""
+
+    image_encoder: str
+    embed_dim: int
+    band_names: list[str]
+    class_names: list[str]
+    prompts: list[list[str]]  # per class, one prompt per template (ensembled)
+    band_mean: list[float]  # per selected band, raw digital numbers
+    band_std: list[float]
+    text_dim: int = 384
+    tile_size: int = 64
+    init_temperature: float = 0.07
+    # The band order of the files the model is served on (the training data's bands.json); ``band_names``
+    # are picked from these by name, so a served model takes whole source files as they are.
+    input_band_names: list[str] = field(default_factory=lambda: list(ALL_BAND_NAMES))
+    loss: str = "clip"  # "clip" or "siglip": only siglip trains ``logit_bias``
+    encoder_args: dict = field(default_factory=dict)  # extra timm.create_model kwargs, e.g. img_size/patch_size
+    # Fine-tune the sentence encoder on the prompts' token ids. Training only: save_model stores the
+    # fine-tuned encoder's prompt features instead, so served models never need the transformer.
+    text_finetune: bool = False
+
+
+def create_image_encoder(cfg: ModelConfig) -> nn.Module:
+    """The timm backbone (no classifier head) for ``len(band_names)`` input bands and ``tile_size`` tiles."""
+    if not timm.is_model(cfg.image_encoder):
+        raise GeoclipError(f"train.image_encoder: unknown timm model {cfg.image_encoder!r}; expected a name "
+                           "from timm.list_models(), e.g. 'resnet18'")
+    clash = sorted(set(cfg.encoder_args) & set(_SET_BY_GEOCLIP))
+    if clash:
+        raise GeoclipError(f"train.encoder_args: {clash} are set by geoclip (bands, no head, local weights); "
+                           "remove them")
+    try:
+        encoder = timm.create_model(cfg.image_encoder, pretrained=False, in_chans=len(cfg.band_names),
+                                    num_classes=0, **cfg.encoder_args)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise GeoclipError(f"train.encoder_args: {cfg.encoder_args} rejected by timm model "
+                           f"{cfg.image_encoder!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                           ) from exc
+    # ViTs fix their input size at build time: fail here, not with a shape error in the first batch.
+    patch = getattr(encoder, "patch_embed", None)
+    size = getattr(patch, "img_size", None)
+    if size is not None and getattr(patch, "strict_img_size", False) and tuple(size) != (cfg.tile_size,) * 2:
+        raise GeoclipError(f"train.encoder_args: {cfg.image_encoder} expects {size[0]}x{size[1]} px input but "
+                           f"tiles are {cfg.tile_size} px; set encoder_args: {{img_size: {cfg.tile_size}}}")
+    return encoder
+
+
+class GeoCLIP(nn.Module):
+    """CLIP-style model: raw multispectral tiles and class prompts in one embedding space.
+
+    The image side takes raw digital numbers (uint16 or float) in ``band_names`` order and
+    normalises them itself, so band order and statistics travel with the weights. The class side
+    projects sentence embeddings of the prompts with a trainable MLP; prompts of one class are
+    ensembled by averaging their projected embeddings. The sentence embeddings are the frozen
+    encoder's (``prompt_features``, a buffer) unless ``cfg.text_finetune``, when ``text_encoder`` (a
+    trainable copy of the sentence encoder) embeds the prompts' token ids in every forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, prompt_features: torch.Tensor | np.ndarray | None = None,
+                 text_encoder: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        n_classes = len(cfg.class_names)
+        self.image_encoder = create_image_encoder(cfg)
+        self.image_proj = nn.Linear(self.image_encoder.num_features, cfg.embed_dim)
+        self.text_proj = nn.Sequential(
+            nn.Linear(cfg.text_dim, cfg.text_dim), nn.GELU(), nn.Linear(cfg.text_dim, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        # Always present (one state-dict layout for every loss) but trained only by siglip: a parameter
+        # that never gets a gradient would break DistributedDataParallel.
+        self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INIT_BIAS), requires_grad=cfg.loss == "siglip")
+        self.register_buffer("band_mean", torch.tensor(cfg.band_mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("band_std", torch.tensor(cfg.band_std, dtype=torch.float32).view(1, -1, 1, 1))
+        n_templates = max(len(p) for p in cfg.prompts)
+        if prompt_features is None:
+            prompt_features = torch.zeros(n_classes, n_templates, cfg.text_dim)
+        self.register_buffer("prompt_features", torch.as_tensor(prompt_features, dtype=torch.float32))
+        self.text_encoder = None
+        if cfg.text_finetune:
+            from geoclip.model.text import tokenize, trainable_encoder
+
+            self.text_encoder = text_encoder if text_encoder is not None else trainable_encoder()
+            tok = tokenize([p for prompts in cfg.prompts for p in prompts])
+            # Derived from cfg.prompts, so not saved (persistent=False); moved with the model to its device.
+            self.register_buffer("prompt_input_ids", tok["input_ids"], persistent=False)
+            self.register_buffer("prompt_attention_mask", tok["attention_mask"], persistent=False)
+
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw digital numbers to standardised float input."""
+        return (x.float() - self.band_mean) / self.band_std
+
+    def scale(self) -> torch.Tensor:
+        """The inverse temperature ``exp(logit_scale)``, capped like the losses cap it."""
+        return self.logit_scale.exp().clamp(max=math.exp(MAX_LOGIT_SCALE))
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Embed raw tiles ``(N, bands, H, W)`` into ``(N, embed_dim)``."""
+        z = self.image_proj(self.image_encoder(self.normalize_input(x)))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(self, text_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Project sentence-encoder features ``(..., text_dim)`` into ``(..., embed_dim)``."""
+        z = self.text_proj(text_features)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def prompt_text_features(self) -> torch.Tensor:
+        """Sentence embeddings of the prompts ``(C, T, text_dim)``: cached, or from the fine-tuned encoder."""
+        if self.text_encoder is None:
+            return self.prompt_features
+        flat = self.text_encoder(self.prompt_input_ids, self.prompt_attention_mask)
+        return flat.view(*self.prompt_features.shape[:2], -1).float()
+
+    def class_embeddings(self) -> torch.Tensor:
+        """Unit class embeddings ``(C, embed_dim)``, ensembled over prompt templates."""
+        per_prompt = self.encode_text(self.prompt_text_features(), normalize=True)  # (C, T, D)
+        return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(N, C)`` for raw tiles (a softmax over classes classifies, whatever the loss)."""
+        return self.scale() * self.encode_image(x) @ self.class_embeddings().T
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities ``(N, C)`` and unit image embeddings ``(N, D)`` for raw tiles.
+
+        ``tta``: embed the tile's 8 flips and 90-degree rotations and average them (8x the compute).
+        """
+        if tta:
+            img = F.normalize(sum(self.encode_image(v) for v in dihedral_views(x)), dim=-1)
+        else:
+            img = self.encode_image(x)
+        return (self.scale() * img @ self.class_embeddings().T).softmax(dim=-1), img
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and 90-degree rotations of ``(N, C, H, W)`` tiles: seen from above, ground cover has no "up"."""
+    turns = [torch.rot90(x, k, (2, 3)) for k in range(4)]
+    return turns + [t.flip(3) for t in turns]
+
+
+@torch.no_grad()
+def predict_batches(model: GeoCLIP, images: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
+                    band_idx: list[int] | None = None, progress=None, tta: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``(N, C)`` and embeddings ``(N, D)`` (float32) for raw tiles, in bounded batches.
+
+    The one inference loop shared by evaluation and the served pyfunc, so both compute the same numbers.
+    ``band_idx`` picks the model's bands from wider input; ``progress`` wraps the batch starts (e.g. tqdm);
+    ``tta`` averages the embeddings of each tile's 8 flips/rotations (:func:`dihedral_views`).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    model.eval()
+    probs, embs = [], []
+    starts = range(0, len(images), batch_size)
+    for start in (progress(starts) if progress else starts):
+        chunk = np.asarray(images[start:start + batch_size])
+        x = torch.from_numpy(chunk[:, band_idx] if band_idx is not None else np.array(chunk))
+        # uint16 has partial kernel support; channels_last makes oneDNN / cuDNN convolutions faster.
+        x = x.to(torch.int32 if cuda else torch.float32).to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            p, e = model.predict(x, tta=tta)
+        probs.append(p.float().cpu().numpy())
+        embs.append(e.float().cpu().numpy())
+    if not probs:  # an empty input still answers with the right widths
+        return (np.zeros((0, len(model.cfg.class_names)), np.float32), np.zeros((0, model.cfg.embed_dim), np.float32))
+    return np.concatenate(probs), np.concatenate(embs)
+
+
+@dataclass
+class InitReport:
+    """What :func:`load_encoder_weights` did with each key of a weights file."""
+
+    loaded: list[str]  # copied as they are
+    adapted: list[str]  # first-layer kernels adapted to the band count
+    skipped: list[str]  # same name, incompatible shape (e.g. a ViT's position embedding for another size)
+    unexpected: list[str]  # in the file, not in the encoder (e.g. the classifier head)
+    missing: list[str]  # in the encoder, not in the file: keep their seeded random initialisation
+
+    def summary(self) -> str:
+        """One line for the log."""
+        return (f"{len(self.loaded) + len(self.adapted)} tensors loaded ({len(self.adapted)} adapted: "
+                f"{self.adapted}), {len(self.skipped)} skipped {self.skipped[:5]}, {len(self.unexpected)} "
+                f"unexpected {self.unexpected[:5]}, {len(self.missing)} missing {self.missing[:5]}")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file, unwrapped from ``{"state_dict": ...}`` / ``{"model": ...}``."""
+    if not path.is_file():
+        raise GeoclipError(f"train.init_weights: {path} does not exist; expected a local weights file "
+                           "(a state_dict saved with torch.save)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights_only errors have many types; all mean "not weights"
+        raise GeoclipError(f"train.init_weights: {path} is not a readable torch weights file "
+                           f"({type(exc).__name__}); expected a state_dict saved with torch.save") from exc
+    while isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("state_dict", "model")):
+        obj = next(obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict))
+    if not isinstance(obj, dict):
+        raise GeoclipError(f"train.init_weights: {path} holds a {type(obj).__name__}; expected a state_dict")
+    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _target_name(key: str, targets: dict[str, torch.Tensor]) -> str:
+    """``key`` with wrapper prefixes stripped one at a time until it names an encoder tensor (else fully stripped)."""
+    while key not in targets:
+        prefix = next((p for p in _WRAPPER_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            break
+        key = key[len(prefix):]
+    return key
+
+
+def _adapt_first_layer(weight: torch.Tensor, in_chans: int, band_idx: list[int] | None) -> torch.Tensor:
+    """A first-layer kernel for ``in_chans`` bands from one trained on ``weight.shape[1]`` channels.
+
+    With ``band_idx`` (the weights were trained on the source files' bands, e.g. 13-band Sentinel-2)
+    the kernels of the model's bands are picked by position; otherwise (e.g. RGB weights) timm's
+    ``adapt_input_conv`` repeats/cuts channels. Both scale by ``source/target`` channels so
+    activations keep their size.
+    """
+    if band_idx is not None:
+        return weight[:, band_idx].float() * (weight.shape[1] / in_chans)
+    return adapt_input_conv(in_chans, weight.float(), base_chans=weight.shape[1])
+
+
+def load_encoder_weights(encoder: nn.Module, path: str | Path, band_names: list[str],
+                         source_band_names: list[str] | None = None) -> InitReport:
+    """Initialise ``encoder`` from a local timm/torchvision-style state dict, adapting the first layer.
+
+    Keys may carry ``module.`` / ``encoder.`` / ``backbone.`` / ``model.`` prefixes. A kernel whose input
+    channels differ from the model's bands (the first convolution or patch embedding) is adapted by
+    :func:`_adapt_first_layer`. A first layer with one input channel per ``source_band_names`` (the
+    files the model is served on) is taken to follow that band order, so the model's ``band_names``
+    are picked (and reordered) by name. Tensors with other shape mismatches and the classifier head
+    are skipped and reported.
+    """
+    path = Path(path)
+    in_chans, sources = len(band_names), list(source_band_names or [])
+    source_idx = band_indices(band_names, tuple(sources)) if sources else None
+    source = _read_state_dict(path)
+    targets = encoder.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    report = InitReport([], [], [], [], [])
+    for key, value in source.items():
+        name = _target_name(key, targets)
+        if name not in targets:
+            report.unexpected.append(name)
+            continue
+        want = targets[name]
+        first = (value.ndim == 4 and want.ndim == 4 and want.shape[1] == in_chans
+                 and value.shape[0] == want.shape[0] and value.shape[2:] == want.shape[2:])
+        per_band = source_idx if first and value.shape[1] == len(sources) else None
+        if value.shape == want.shape and (per_band is None or per_band == list(range(in_chans))):
+            new[name] = value.to(want.dtype)
+            report.loaded.append(name)
+        elif first:
+            new[name] = _adapt_first_layer(value, in_chans, per_band).to(want.dtype)
+            report.adapted.append(name)
+        else:
+            report.skipped.append(name)
+    if not new:
+        raise GeoclipError(f"train.init_weights: {path} has no tensor matching the image encoder "
+                           f"(its first keys: {list(source)[:3]}); expected weights of the same architecture")
+    encoder.load_state_dict(new, strict=False)
+    report.missing = [k for k in targets if k not in new]
+    return report
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None, init_weights: str | Path = "") -> GeoCLIP:
+    """Build a model, fill its prompt features and optionally initialise the image encoder from a file.
+
+    Prompt features come from the text-embedding cache, or the frozen sentence encoder on a miss.
+    ``seed`` seeds torch right before the random initialisation: loading the sentence encoder (once
+    per process) draws random numbers, so seeding earlier would not make two builds identical.
+    ``init_weights`` (``train.init_weights``) then overwrites the encoder tensors it holds (a first layer
+    trained on all of ``input_band_names`` keeps the model's bands); the report of what was loaded is
+    printed and kept as ``model.init_report``.
+    """
+    from geoclip.model.text import embed_prompts, trainable_encoder
+
+    flat = [p for prompts in cfg.prompts for p in prompts]
+    feats = embed_prompts(flat).reshape(len(cfg.prompts), -1, cfg.text_dim)
+    text_encoder = trainable_encoder() if cfg.text_finetune else None
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = GeoCLIP(cfg, torch.from_numpy(feats), text_encoder=text_encoder)
+    model.init_report = None
+    if init_weights:
+        model.init_report = load_encoder_weights(model.image_encoder, init_weights, cfg.band_names,
+                                                 cfg.input_band_names)
+        print(f"train.init_weights {init_weights}: {model.init_report.summary()}", file=sys.stderr)
+    return model
+
+
+def _served_state(model: GeoCLIP) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and tensors a saved model carries; a fine-tuned text encoder is baked into ``prompt_features``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("text_encoder.")}
+    if model.text_encoder is None:
+        return model.cfg, state
+    was_training = model.text_encoder.training
+    model.text_encoder.eval()  # no dropout in the stored features
+    with torch.no_grad():
+        state["prompt_features"] = model.prompt_text_features().detach().float().cpu()
+    model.text_encoder.train(was_training)
+    return replace(model.cfg, text_finetune=False), state
+
+
+def save_model(model: GeoCLIP, directory: str | Path) -> None:
+    """Write ``model.pt`` (state dict) and ``model_config.json`` into ``directory``, atomically.
+
+    A model with a fine-tuned text encoder is saved with that encoder's prompt features in place of
+    the encoder (the prompts are fixed, so predictions are identical) and ``text_finetune: false``:
+    served models stay small and need no transformers. Resumable checkpoints of such a model must
+    keep ``model.state_dict()`` whole instead.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg, state = _served_state(model)
+    # Saved through a file object: torch names the archive inside after a path's (random temporary) file name, so
+    # the same weights would give different bytes, and DVC a different hash, on every run.
+    with atomic_path(directory / WEIGHTS_FILE) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+    with atomic_path(directory / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+
+def load_model(directory: str | Path, map_location: str = "cpu") -> GeoCLIP:
+    """Rebuild a saved model (no sentence encoder needed: prompt features are in the weights)."""
+    directory = Path(directory)
+    cfg = ModelConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+    state = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+    model = GeoCLIP(cfg, state["prompt_features"])
+    state.setdefault("logit_bias", model.logit_bias.detach().clone())  # saved before logit_bias existed
+    model.load_state_dict(state)
+    return model.eval()

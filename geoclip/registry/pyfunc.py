@@ -1,0 +1,136 @@
+"""MLflow pyfunc wrapper: raw uint16 tiles in, class probabilities and embeddings out.
+
+A pyfunc (not ``mlflow.pytorch.log_model``): with mlflow 3.17.2 the pytorch flavour exported the
+model with torch.export and froze the batch size of the input example. The wrapper also carries
+the band order, normalisation and class prompts, so callers pass raw EuroSAT-order files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+import geoclip
+from geoclip.bands import band_indices
+from geoclip.errors import GeoclipError
+
+ARTIFACT_KEY = "model_dir"
+DEFAULT_BATCH = 256
+#: What the wrapper imports at serving time (geoclip itself travels as code_paths).
+SERVING_PACKAGES = ("torch", "timm", "numpy", "mlflow")
+
+
+class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
+    """Serve a saved GeoCLIP: ``(N, bands, H, W)`` uint16 tiles in the training data's band order -> probs, embeddings."""
+
+    def __init__(self, tta: bool = False):
+        super().__init__()
+        self.tta = tta  # the default of the ``tta`` param: what the model was evaluated with
+
+    def load_context(self, context) -> None:
+        """Load the saved model directory and work out which input bands it uses."""
+        from geoclip.model.clip import load_model
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # channels_last: oneDNN / cuDNN convolutions run faster in NHWC (about 10% here on CPU).
+        self.model = load_model(context.artifacts[ARTIFACT_KEY]).to(self.device, memory_format=torch.channels_last)
+        self.band_idx = band_indices(self.model.cfg.band_names, tuple(self.model.cfg.input_band_names))
+
+    def predict(self, context, model_input, params: dict | None = None) -> dict[str, np.ndarray]:
+        """Class probabilities ``(N, C)`` and unit embeddings ``(N, D)``, both float32, in bounded batches."""
+        from geoclip.model.clip import predict_batches
+
+        x = np.asarray(model_input)
+        n_in = len(self.model.cfg.input_band_names)
+        if x.ndim != 4 or x.shape[1] != n_in:
+            raise GeoclipError(f"model input: shape {x.shape}, expected (N, {n_in}, H, W) with bands "
+                               f"{list(self.model.cfg.input_band_names)}")
+        batch = int((params or {}).get("batch_size") or DEFAULT_BATCH)
+        tta = bool((params or {}).get("tta", getattr(self, "tta", False)))  # models logged before tta: off
+        probs, embs = predict_batches(self.model, x, batch, self.device, band_idx=self.band_idx, tta=tta)
+        return {"probabilities": probs, "embeddings": embs}
+
+
+def _pinned(package: str) -> str:
+    """``package==version`` for the installed version, without a local build tag (``+cu130``)."""
+    return f"{package}=={importlib.metadata.version(package).split('+')[0]}"
+
+
+def _model_config(model_dir: str | Path):
+    """The saved model's config (class names, bands, sizes) without loading weights."""
+    import json
+
+    from geoclip.model.clip import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+
+    path = Path(model_dir) / CONFIG_FILE
+    if not path.exists() or not (Path(model_dir) / WEIGHTS_FILE).exists():
+        raise GeoclipError(f"{model_dir}: no {CONFIG_FILE} + {WEIGHTS_FILE}; expected a folder written by save_model")
+    return ModelConfig(**json.loads(path.read_text()))
+
+
+@contextlib.contextmanager
+def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray, tta: bool = False) -> Iterator[dict]:
+    """Keyword arguments shared by ``log_model`` and ``save_model``: signature, example, code, metadata."""
+    from geoclip.model.clip import CONFIG_FILE, WEIGHTS_FILE
+
+    cfg = _model_config(model_dir)
+    example = np.asarray(input_example)
+    expected = (len(cfg.input_band_names), cfg.tile_size, cfg.tile_size)
+    if example.dtype != np.uint16 or example.ndim != 4 or example.shape[1:] != expected or len(example) < 2:
+        raise GeoclipError(f"input example: {example.dtype} {example.shape}, expected uint16 (N>=2, {expected})")
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint16), (-1, *expected))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(cfg.class_names)), name="probabilities"),
+                        TensorSpec(np.dtype(np.float32), (-1, cfg.embed_dim), name="embeddings")]),
+        params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH), ParamSpec("tta", "boolean", tta)]))
+    with tempfile.TemporaryDirectory(prefix="geoclip-pyfunc-") as tmp:
+        # Only the weights and config travel: the model folder also holds run info and other outputs.
+        artifact = Path(tmp, "geoclip_model")
+        artifact.mkdir()
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            shutil.copy2(Path(model_dir) / name, artifact / name)
+        code = Path(tmp, "code", "geoclip")  # the package's sources without caches: fewer files to upload
+        shutil.copytree(Path(geoclip.__file__).resolve().parent, code,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        yield dict(
+            python_model=GeoclipPyfunc(tta),
+            artifacts={ARTIFACT_KEY: str(artifact)},
+            signature=signature,
+            input_example=example,
+            code_paths=[str(code)],  # the model loads where geoclip is not installed
+            pip_requirements=[_pinned(p) for p in SERVING_PACKAGES],
+            metadata={"class_names": list(cfg.class_names), "band_names": list(cfg.band_names),
+                      "input_band_names": list(cfg.input_band_names), "tile_size": cfg.tile_size,
+                      "embed_dim": cfg.embed_dim, "image_encoder": cfg.image_encoder},
+        )
+
+
+def log_pyfunc(model_dir: str | Path, input_example: np.ndarray, name: str = "model", tta: bool = False):
+    """Log the saved model as a pyfunc into the active run; return MLflow's ``ModelInfo``."""
+    with _pyfunc_kwargs(model_dir, input_example, tta) as kwargs:
+        return mlflow.pyfunc.log_model(name=name, **kwargs)
+
+
+def save_pyfunc(model_dir: str | Path, input_example: np.ndarray, path: str | Path, tta: bool = False) -> Path:
+    """Save the same pyfunc to a local folder (no tracking server), e.g. for offline prediction."""
+    with _pyfunc_kwargs(model_dir, input_example, tta) as kwargs:
+        mlflow.pyfunc.save_model(path=str(path), **kwargs)
+    return Path(path)
+
+
+def model_metadata(model) -> dict:
+    """The geoclip metadata (class and band names) of a loaded pyfunc model."""
+    meta = dict(model.metadata.metadata or {})
+    if "class_names" not in meta:
+        raise GeoclipError("model: no class_names in its metadata; expected a model logged by geoclip.registry.pyfunc")
+    return meta

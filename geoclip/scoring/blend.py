@@ -1,0 +1,172 @@
+"""From window predictions to output rasters: blend overlapping windows per stride cell, stream the final rows
+into a class-map (and per-class probability) GeoTIFF in block-aligned strips, then copy them into COGs.
+
+Only the cell rows that later windows can still touch are held, so memory follows the strip being read and
+the window batch, not the scene.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+from tqdm import tqdm
+
+from geoclip.errors import GeoclipError
+from geoclip.scoring.scene_io import COG_BLOCK, AlignedWriter, gdal_path, scan_windows, to_cog
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+NODATA_CLASS = 255
+PROB_SCALE = 254  # probability rasters: 0-254 = probability 0-1, so that 255 stays free for nodata
+
+
+# matplotlib's tab20 palette (tab10 is every other colour), written out so scoring needs no matplotlib.
+TAB20 = ["1f77b4", "aec7e8", "ff7f0e", "ffbb78", "2ca02c", "98df8a", "d62728", "ff9896", "9467bd", "c5b0d5",
+         "8c564b", "c49c94", "e377c2", "f7b6d2", "7f7f7f", "c7c7c7", "bcbd22", "dbdb8d", "17becf", "9edae5"]
+
+
+def class_colors(n: int) -> np.ndarray:
+    """``(n, 3)`` uint8 display colours for class indices: tab10 up to 10 classes, else tab20 (repeating)."""
+    palette = TAB20[::2] if n <= 10 else TAB20
+    return np.array([list(bytes.fromhex(palette[i % len(palette)])) for i in range(n)], dtype=np.uint8).reshape(n, 3)
+
+
+class BlendedRows(NamedTuple):
+    """Final rows of a scene's outputs, top to bottom."""
+
+    row: int  # first scene row
+    classes: np.ndarray  # (n, width) uint8 class indices; NODATA_CLASS where the input is nodata
+    probabilities: np.ndarray | None  # (classes, n, width) uint8, 0..PROB_SCALE; NODATA_CLASS likewise
+
+
+def _grow(acc: np.ndarray, hits: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad the cell sums and hit counts with zero rows up to ``rows`` rows."""
+    extra = rows - hits.shape[0]
+    if extra <= 0:
+        return acc, hits
+    return (np.concatenate([acc, np.zeros((acc.shape[0], extra, acc.shape[2]), acc.dtype)], axis=1),
+            np.concatenate([hits, np.zeros((extra, hits.shape[1]), hits.dtype)]))
+
+
+def _cells_to_rows(acc: np.ndarray, hits: np.ndarray, valid: np.ndarray, stride: int,
+                   probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Cell sums -> pixel rows: argmax class (and scaled mean probabilities), NODATA_CLASS where nothing is valid."""
+    n, w = valid.shape
+    classes = acc.argmax(axis=0).astype(np.uint8)
+    classes[hits == 0] = NODATA_CLASS  # only all-nodata windows covered it
+    pixels = np.repeat(np.repeat(classes, stride, 0), stride, 1)[:n, :w]
+    pixels[~valid] = NODATA_CLASS
+    if not probabilities:
+        return pixels, None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scaled = np.rint(acc / hits * PROB_SCALE)
+    probs = np.where(hits > 0, scaled, NODATA_CLASS).astype(np.uint8)
+    probs = np.repeat(np.repeat(probs, stride, 1), stride, 2)[:, :n, :w]
+    probs[:, ~valid] = NODATA_CLASS
+    return pixels, probs
+
+
+def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: int, batch_size: int, nodata: int,
+               probabilities: bool = False) -> Iterator[BlendedRows]:
+    """Average overlapping window probabilities on a grid of ``stride`` cells; yield final output rows top to bottom.
+
+    Only the cell rows that later windows can still touch are held: memory follows the strip, not the scene.
+    """
+    gw = math.ceil(src.width / stride)
+    acc, hits = np.zeros((n_classes, 0, gw), np.float32), np.zeros((0, gw), np.int32)
+    c0 = done = 0  # first cell row held; first scene row not yet yielded
+    with tqdm(total=src.height, desc=f"score {Path(src.name).name}", unit="row") as bar:
+        for batch in scan_windows(src, window, stride, batch_size, nodata):
+            if batch.where:
+                probs = np.asarray(predict_fn(batch.tiles))
+                if probs.shape != (len(batch.where), n_classes):
+                    raise GeoclipError(f"model output: shape {probs.shape}, expected ({len(batch.where)}, {n_classes})")
+                acc, hits = _grow(acc, hits, -(-(batch.where[-1][0] + window) // stride) - c0)  # rows come in order
+                for (y0, x0), p in zip(batch.where, probs):
+                    r0, r1 = y0 // stride - c0, -(-(y0 + window) // stride) - c0
+                    q0, q1 = x0 // stride, -(-(x0 + window) // stride)
+                    acc[:, r0:r1, q0:q1] += p[:, None, None]
+                    hits[r0:r1, q0:q1] += 1
+            if batch.settled > done:
+                c1 = -(-batch.settled // stride) - c0
+                acc, hits = _grow(acc, hits, c1)
+                classes, scaled = _cells_to_rows(acc[:, :c1], hits[:c1], batch.valid, stride, probabilities)
+                yield BlendedRows(done, classes, scaled)
+                acc, hits, c0 = acc[:, c1:], hits[c1:], c0 + c1
+                bar.update(batch.settled - done)
+                done = batch.settled
+
+
+def _temp_beside(out: Path) -> Path:
+    """A hidden temporary file name beside ``out`` (for the plain GeoTIFF a COG is copied from)."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".gtiff.tmp", dir=out.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def write_outputs(rows: Iterator[BlendedRows], src, outs: dict[str, Path], class_names: list[str], tags: dict,
+                  truth: str | None) -> tuple[np.ndarray, int, int]:
+    """Stream blended rows into plain tiled GeoTIFFs, then copy them into COGs at ``outs`` (class map,
+    probabilities); return class pixel counts, pixels agreeing with the truth map, and pixels judged."""
+    h, w = src.height, src.width
+    base = {"driver": "GTiff", "dtype": "uint8", "width": w, "height": h, "crs": src.crs, "transform": src.transform,
+            "nodata": NODATA_CLASS, "tiled": True, "blockxsize": COG_BLOCK, "blockysize": COG_BLOCK,
+            "compress": "deflate"}
+    counts = np.zeros(256, np.int64)
+    correct = judged = 0
+    plains = {k: _temp_beside(p) for k, p in outs.items()}
+    truth_src = rasterio.open(gdal_path(truth)) if truth else None
+    try:
+        if truth_src is not None and (truth_src.height, truth_src.width) != (h, w):
+            raise GeoclipError(f"{truth}: {truth_src.width}x{truth_src.height}, expected the scene's {w}x{h}")
+        with contextlib.ExitStack() as files:  # the plain files are closed before they are copied
+            bands = {k: len(class_names) if k == "probabilities" else 1 for k in plains}
+            dsts = {k: files.enter_context(rasterio.open(p, "w", **base, count=bands[k])) for k, p in plains.items()}
+            writers = {k: AlignedWriter(d) for k, d in dsts.items()}
+            for part in rows:
+                writers["classmap"].write(part.classes[None])
+                if "probabilities" in writers:
+                    writers["probabilities"].write(part.probabilities)
+                counts += np.bincount(part.classes.ravel(), minlength=256)
+                if truth_src is not None:
+                    t = truth_src.read(1, window=Window(0, part.row, w, part.classes.shape[0]))
+                    judge = (t != NODATA_CLASS) & (part.classes != NODATA_CLASS)
+                    correct += int((t[judge] == part.classes[judge]).sum())
+                    judged += int(judge.sum())
+            for writer in writers.values():
+                writer.close()
+            _describe(dsts, class_names, tags)
+        # MODE: an overview pixel takes its area's majority class, never a blend of class indices.
+        to_cog(plains["classmap"], outs["classmap"], "MODE")
+        if "probabilities" in outs:
+            to_cog(plains["probabilities"], outs["probabilities"], "AVERAGE")
+    finally:
+        for p in plains.values():
+            p.unlink(missing_ok=True)
+        if truth_src is not None:
+            truth_src.close()
+    return counts, correct, judged
+
+
+def _describe(dsts: dict, class_names: list[str], tags: dict) -> None:
+    """Colour table, band descriptions and tags of the class map (and probability raster) being written."""
+    cm = dsts["classmap"]
+    colors = class_colors(len(class_names))
+    cm.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(colors)} | {NODATA_CLASS: (0, 0, 0, 0)})
+    cm.set_band_description(1, "class: " + ", ".join(f"{i}={c}" for i, c in enumerate(class_names)))
+    cm.update_tags(class_names=json.dumps(class_names), **tags)
+    if "probabilities" in dsts:
+        pr = dsts["probabilities"]
+        for i, name in enumerate(class_names):
+            pr.set_band_description(i + 1, name)
+        pr.scales = [1 / PROB_SCALE] * len(class_names)  # GDAL-aware readers get probabilities 0-1 back
+        pr.update_tags(class_names=json.dumps(class_names), probability_scale=str(PROB_SCALE), **tags)

@@ -1,0 +1,236 @@
+"""Sliding-window scoring of large scenes: blended class maps as Cloud-Optimised GeoTIFFs, area summaries.
+
+Scenes are read in block-aligned strips (geoclip.scoring.scene_io), local or on S3 through GDAL's /vsis3/; blended rows
+are written as soon as no later window can change them, so memory follows the strip and the batch, not the scene.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+from geoclip.config import Params
+from geoclip.data import s3
+from geoclip.errors import GeoclipError
+from geoclip.ioutils import atomic_path, write_json
+
+# Re-exported, part of this module's API: window_starts, PROB_SCALE, blend_rows.
+from geoclip.scoring.blend import NODATA_CLASS, PROB_SCALE, PredictFn, blend_rows, class_colors, write_outputs  # noqa: F401
+from geoclip.scoring.scene_io import gdal_path, scene_env, window_starts  # noqa: F401
+
+SCENE_SUFFIXES = (".tif", ".tiff")
+SCENE_DTYPE = "uint16"  # the digital numbers the model reads (also the scenes suite's dtype rule)
+SUMMARY_FILE = "summary.json"
+OUTPUT_KEYS = ("classmap", "probabilities", "quicklook", "summary")  # per-scene outputs; the summary names the others
+
+
+def pixel_area_m2(src, scene: Path | str) -> float:
+    """Area of one pixel in m²; the scene must be in a projected CRS measured in metres."""
+    crs = src.crs
+    if crs is None or not crs.is_projected or crs.linear_units_factor[1] != 1.0:
+        raise GeoclipError(f"{scene}: CRS {crs.to_string() if crs else None} is not a projected CRS in metres; "
+                           "reproject the scene (e.g. to UTM) to get areas")
+    t = src.transform
+    return abs(t.a * t.e - t.b * t.d)
+
+
+def _open_scene(scene: Path | str, n_bands: int, window: int):
+    """Open a scene and check bands, dtype and size against the model (a guard for direct callers of score_scene;
+    score_one and score_scenes first run the scenes suite, :func:`check_scenes`, on the same rules)."""
+    try:
+        src = rasterio.open(gdal_path(scene))
+    except RasterioIOError as exc:
+        raise GeoclipError(f"{scene}: cannot be read as a raster ({str(exc).splitlines()[0]})") from exc
+    if src.count != n_bands:
+        src.close()
+        raise GeoclipError(f"{scene}: has {src.count} band(s), the model expects {n_bands}")
+    if src.height < window or src.width < window:
+        src.close()
+        raise GeoclipError(f"{scene}: {src.width}x{src.height} pixels is smaller than one {window}x{window} window")
+    if src.dtypes[0] != SCENE_DTYPE:
+        src.close()
+        raise GeoclipError(f"{scene}: dtype {src.dtypes[0]}, expected {SCENE_DTYPE} digital numbers")
+    return src
+
+
+def write_quicklook(classmap: Path, out: Path, n_classes: int, max_size: int = 1024) -> Path:
+    """A small PNG of a class map in class colours (nodata transparent), read from the COG's overviews."""
+    with rasterio.open(classmap) as src:
+        scale = max(1, math.ceil(max(src.height, src.width) / max_size))
+        arr = src.read(1, out_shape=(math.ceil(src.height / scale), math.ceil(src.width / scale)),
+                       resampling=Resampling.nearest)
+    palette = np.zeros((256, 4), np.uint8)
+    palette[:n_classes, :3] = class_colors(n_classes)
+    palette[:n_classes, 3] = 255
+    rgba = np.moveaxis(palette[arr], -1, 0)
+    # GDAL's PNG driver (no matplotlib needed): a plain picture, so no georeferencing and no .aux.xml sidecar.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with (atomic_path(out) as tmp, rasterio.Env(GDAL_PAM_ENABLED="NO"),
+              rasterio.open(tmp, "w", driver="PNG", width=rgba.shape[2], height=rgba.shape[1], count=4,
+                            dtype="uint8") as dst):
+            dst.write(rgba)
+    return out
+
+
+def _find_truth(scene: Path | str, truth: Path | str | None) -> str | None:
+    """The truth map to judge a scene by: ``truth``, else ``truth/{stem}_truth.tif`` beside the scenes folder;
+    None when it does not exist."""
+    if truth is None:
+        stem = Path(str(scene)).stem
+        truth = truth_uri(str(scene)) if s3.is_s3(scene) else Path(scene).parent.parent / "truth" / f"{stem}_truth.tif"
+    if s3.is_s3(truth):
+        return str(truth) if s3.exists(str(truth)) else None
+    return str(truth) if Path(truth).exists() else None
+
+
+def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_names: list[str], window: int = 64,
+                stride: int = 32, batch_size: int = 256, nodata: int = 0, n_bands: int = 13,
+                model_uri: str | None = None, scene_name: str | None = None, quicklook: bool = True,
+                truth: Path | str | None = None, probabilities: bool = False) -> dict:
+    """Score one local or ``s3://`` scene: blended class map COG, optional per-class probability COG, per-class
+    areas and, if a truth map exists, pixel accuracy."""
+    out_dir, stem = Path(out_dir), Path(str(scene)).stem
+    if stride <= 0 or stride > window or window % stride:
+        raise GeoclipError(f"stride {stride}: must be positive and divide the window ({window})")
+    if not 2 <= len(class_names) < NODATA_CLASS:
+        raise GeoclipError(f"class_names: {len(class_names)} classes; a uint8 class map holds 2 to {NODATA_CLASS - 1}")
+    truth = _find_truth(scene, truth)
+    started = time.perf_counter()
+    with scene_env(scene, truth), _open_scene(scene, n_bands, window) as src:
+        area = pixel_area_m2(src, scene)  # fail before the long part
+        out_dir.mkdir(parents=True, exist_ok=True)
+        outs = {"classmap": out_dir / f"{stem}_classmap.tif"}
+        if probabilities:
+            outs["probabilities"] = out_dir / f"{stem}_probabilities.tif"
+        rows = blend_rows(predict_fn, src, len(class_names), window, stride, batch_size, nodata, probabilities)
+        counts, correct, judged = write_outputs(
+            rows, src, outs, list(class_names), {"model_uri": str(model_uri), "scene": scene_name or str(scene)}, truth)
+        h, w, crs = src.height, src.width, src.crs.to_string()
+    seconds = time.perf_counter() - started
+    summary = {
+        "scene": scene_name or str(scene), "model_uri": model_uri, **{k: str(p) for k, p in outs.items()},
+        "width": w, "height": h, "crs": crs, "pixel_area_m2": area, "window": window, "stride": stride,
+        "class_names": list(class_names),
+        "classes": {c: {"pixels": int(counts[i]), "area_km2": float(counts[i]) * area / 1e6}
+                    for i, c in enumerate(class_names)},
+        "nodata_pixels": int(counts[NODATA_CLASS]), "valid_pixels": int(h * w - counts[NODATA_CLASS]),
+        "area_km2": float(h * w - counts[NODATA_CLASS]) * area / 1e6,
+        "seconds": round(seconds, 3), "megapixels_per_s": round(h * w / 1e6 / max(seconds, 1e-9), 3),
+    }
+    if truth is not None:
+        summary |= {"truth": truth, "truth_pixels": judged, "accuracy": correct / judged if judged else None}
+    if quicklook:
+        summary["quicklook"] = str(write_quicklook(outs["classmap"], out_dir / f"{stem}_quicklook.png",
+                                                   len(class_names)))
+    summary["summary"] = str(out_dir / f"{stem}_summary.json")
+    write_json(summary["summary"], summary)
+    return summary
+
+
+
+def list_scenes(source: str | Path) -> list[str]:
+    """The ``*.tif`` scenes in a local folder or under an ``s3://bucket/prefix`` (sorted)."""
+    if s3.is_s3(source):
+        found = s3.list_uris(str(source), SCENE_SUFFIXES)
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise GeoclipError(f"{folder}: no such folder; expected a folder of scenes or an s3:// prefix")
+        found = [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in SCENE_SUFFIXES]
+    if not found:
+        raise GeoclipError(f"{source}: no .tif scenes found")
+    return found
+
+
+def truth_uri(scene_uri: str) -> str:
+    """Where a scene's truth map lives: ``truth/{stem}_truth.tif`` beside the scenes folder."""
+    parent = scene_uri.rsplit("/", 2)[0]
+    return f"{parent}/truth/{Path(scene_uri).stem}_truth.tif"
+
+
+def check_scenes(params: Params, scenes: list[str | Path], n_bands: int, names: list[str] | None = None,
+                 report: bool = False) -> None:
+    """Run the scenes suite on local or ``s3://`` scenes (headers only; S3 through /vsis3/, nothing downloaded);
+    GeoclipError before any scoring. ``names``: what to call them (default: as given).
+
+    ``report`` also writes ``scenes_validation.json`` and the scenes Data Docs under ``paths.reports``.
+    """
+    from geoclip.data.validate import validate_scenes
+
+    reports = Path(params.paths.reports) if report else None
+    with scene_env(*scenes):
+        validate_scenes([gdal_path(s) for s in scenes], n_bands, params.score.window, reports,
+                        names=names or [str(s) for s in scenes], dtype=SCENE_DTYPE)
+
+
+
+def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: str | None = None,
+              checked: bool = False) -> dict:
+    """Score one local or S3 scene with a loaded pyfunc; write outputs to a local folder or S3 prefix.
+
+    An S3 scene and its truth map are read in place through GDAL's /vsis3/, never downloaded. The scene first
+    passes the scenes suite, unless ``checked`` says it already did. S3 outputs are written to a temporary
+    folder, then uploaded, the summary last.
+    """
+    from geoclip.registry.pyfunc import model_metadata
+
+    meta = model_metadata(model)
+    cfg = params.score
+
+    def predict_fn(x: np.ndarray) -> np.ndarray:
+        # score.tta, not the pyfunc default (tiles are served with the evaluated TTA; scenes rarely want 8x the work).
+        return model.predict(x, params={"batch_size": cfg.batch_size, "tta": cfg.tta})["probabilities"]
+
+    kwargs = {"class_names": meta["class_names"], "window": cfg.window, "stride": cfg.stride,
+              "batch_size": cfg.batch_size, "nodata": cfg.nodata, "n_bands": len(meta["input_band_names"]),
+              "model_uri": model_uri, "scene_name": str(scene_uri), "quicklook": cfg.quicklook,
+              "probabilities": cfg.probabilities}
+    if not checked:
+        check_scenes(params, [scene_uri], kwargs["n_bands"])
+    if not s3.is_s3(out_uri):
+        return score_scene(predict_fn, scene_uri, Path(out_uri), **kwargs)
+    with tempfile.TemporaryDirectory(prefix="geoclip-score-") as tmp:
+        summary = score_scene(predict_fn, scene_uri, Path(tmp), **kwargs)
+        keys = [k for k in OUTPUT_KEYS if k in summary]
+        local = {k: Path(summary[k]) for k in keys}
+        summary |= {k: s3.join(out_uri, p.name) for k, p in local.items()}
+        write_json(local["summary"], summary)
+        for key in keys:  # the summary last: it names the others
+            s3.upload(local[key], summary[key])
+    return summary
+
+
+def write_summary(results: list[dict], out_uri: str, model_uri: str | None = None) -> str:
+    """Aggregate per-scene summaries (areas, nodata, accuracy) into ``{out}/summary.json``; return its location.
+
+    Scenes skipped as already done count with the summary recorded when they were scored.
+    """
+    names = results[0]["class_names"] if results else []
+    total = {c: {"pixels": sum(r["classes"][c]["pixels"] for r in results),
+                 "area_km2": sum(r["classes"][c]["area_km2"] for r in results)} for c in names}
+    judged = sum(r.get("truth_pixels", 0) for r in results)
+    correct = sum(r["accuracy"] * r["truth_pixels"] for r in results if r.get("accuracy") is not None)
+    agg = {"model_uri": model_uri, "n_scenes": len(results), "scenes": [r["scene"] for r in results],
+           "n_scored": sum(r.get("status") == "scored" for r in results),
+           "n_skipped": sum(r.get("status") == "skipped" for r in results),
+           "classes": total, "nodata_pixels": sum(r["nodata_pixels"] for r in results),
+           "area_km2": sum(r["area_km2"] for r in results), "accuracy": correct / judged if judged else None,
+           "per_scene": results}
+    if s3.is_s3(out_uri):
+        target = s3.join(out_uri, SUMMARY_FILE)
+        with tempfile.TemporaryDirectory(prefix="geoclip-summary-") as tmp:
+            write_json(Path(tmp, SUMMARY_FILE), agg)
+            s3.upload(Path(tmp, SUMMARY_FILE), target)
+        return target
+    target = str(Path(out_uri) / SUMMARY_FILE)
+    write_json(target, agg)
+    return target

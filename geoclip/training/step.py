@@ -1,0 +1,93 @@
+"""One optimisation step of contrastive training, its optimiser and its learning-rate schedule.
+
+Kept apart from the training loop (``geoclip.training.train``) and light on imports, so the throughput bench
+(``bench/train_throughput.py``) times this very step without loading the data pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from geoclip.model.augment import augment
+from geoclip.model.clip import GeoCLIP
+from geoclip.model.loss import MAX_LOGIT_SCALE
+from geoclip.training.distributed import gather
+
+TEXT_LR_FACTOR = 0.01  # a fine-tuned pretrained sentence encoder needs a far smaller step than the fresh parts
+
+
+class EmbeddingStep(nn.Module):
+    """What DDP wraps (and torch.compile compiles): one forward that yields everything the loss needs.
+
+    DDP only hooks ``forward``, so the image and class embeddings, the logit scale and the logit bias all come
+    out of this one call.
+    """
+
+    def __init__(self, model: GeoCLIP):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Unit image embeddings, unit class embeddings, the log inverse temperature and the logit bias."""
+        m = self.model
+        return m.encode_image(x), m.class_embeddings(), m.logit_scale, getattr(m, "logit_bias", None)
+
+
+def make_optimizer(model: GeoCLIP, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; weight decay on weight matrices and kernels only; the sentence encoder (if fine-tuned) at lr x 0.01."""
+    text = getattr(model, "text_encoder", None)
+    text_ids = {id(p) for p in text.parameters()} if isinstance(text, nn.Module) else set()
+    groups = []
+    for ids_wanted, group_lr in ((False, lr), (True, lr * TEXT_LR_FACTOR)):
+        trainable = [p for p in model.parameters() if p.requires_grad and (id(p) in text_ids) == ids_wanted]
+        groups += [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay, "lr": group_lr},
+                   {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr}]
+    # fused: one kernel for the whole update on CUDA (the foreach default launches several per parameter group).
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def lr_schedule(opt: torch.optim.Optimizer, total_steps: int, warmup_fraction: float
+                ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule over ``total_steps``: linear warmup for ``warmup_fraction`` of them, then cosine."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
+
+
+def training_step(step_module: nn.Module, model: GeoCLIP, opt: torch.optim.Optimizer,
+                  sched: torch.optim.lr_scheduler.LRScheduler, raw: torch.Tensor, labels: torch.Tensor,
+                  cls_idx: torch.Tensor, *, loss_fn: Callable[..., torch.Tensor], generator: torch.Generator,
+                  gain_noise: float, bf16: bool, channels_last: bool, world: int = 1) -> torch.Tensor:
+    """One optimisation step on raw tiles ``raw`` (labels: positions in ``cls_idx``); returns the detached loss.
+
+    ``step_module`` is ``EmbeddingStep(model)``, possibly DDP-wrapped or compiled; ``generator`` is the CPU
+    generator augmentation draws from; ``cls_idx`` picks the trained classes from the class embeddings; ``world``
+    ranks contribute to the loss. The loss stays on the device (reading it would wait for the GPU).
+    """
+    x = augment(raw, generator, gain_noise)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        img_emb, cls_emb, scale, bias = step_module(x)
+    # The loss sees every rank's images, so each class is contrasted against the global batch, and only
+    # the trained classes: a held-out class is never even a negative (its name stays unseen).
+    loss = loss_fn(gather(img_emb.float(), world, grad=True), cls_emb.float()[cls_idx],
+                   gather(labels, world, grad=False), scale, None if bias is None else bias.float())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():  # CLIP caps the inverse temperature at 100
+        model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+    return loss.detach()

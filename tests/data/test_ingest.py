@@ -1,0 +1,255 @@
+"""Tests for geoclip.data.ingest: every source layout into the canonical raw layout, and every refusal."""
+
+import filecmp
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+from factories import make_tile
+
+from geoclip.bands import ALL_BAND_NAMES
+from geoclip.cli import main
+from geoclip.config import params_from_dict
+from geoclip.data.ingest import ingest
+from geoclip.errors import GeoclipError
+
+CLASSES = ["Forest", "River", "SeaLake"]
+NESTED = "EuroSATallBands/ds/images/remote_sensing/otherDatasets/sentinel_2/tif"
+BUCKET = "ingest-test"
+
+
+def params_for(tmp_path, source, classes=CLASSES, **extra):
+    """Params that ingest ``source`` into ``tmp_path/data/raw``."""
+    return params_from_dict({"classes": {"names": classes}, "paths": {"raw": str(tmp_path / "data" / "raw")},
+                             "ingest": {"source": str(source), "workers": 2}, **extra})
+
+
+def tile(path, value=1, descriptions=None):
+    """A small 13-band uint16 tile, with band names stored when ``descriptions`` is given."""
+    return make_tile(path, np.full((13, 8, 8), value, "uint16"), descriptions=descriptions)
+
+
+def raw_of(params):
+    """The raw folder, its labels table and its recorded band names."""
+    raw = Path(params.paths.raw)
+    return raw, pd.read_csv(raw / "labels.csv"), json.loads((raw / "bands.json").read_text())["band_names"]
+
+
+def test_real_eurosat_ms_folder(tmp_path, real_tiles):
+    params = params_from_dict({"paths": {"raw": str(tmp_path / "raw")}, "ingest": {"source": str(real_tiles)}})
+    summary = ingest(params)
+    assert summary["n_tiles"] == 100 and summary["n_classes"] == 10 and summary["missing_classes"] == []
+    raw, labels, bands = raw_of(params)
+    assert list(labels.columns) == ["id", "path", "class"] and bands == list(ALL_BAND_NAMES)
+    row = labels.set_index("id").loc["Forest_3"]
+    assert row["path"] == "tiles/Forest/Forest_3.tif" and row["class"] == "Forest"
+    assert filecmp.cmp(raw / row["path"], real_tiles / "Forest" / "Forest_3.tif", shallow=False)
+
+
+def test_nested_eurosat_allbands_download(tmp_path, real_tiles):
+    root = tmp_path / "downloads" / NESTED
+    for cls in CLASSES:
+        for n in (1, 2):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copy(real_tiles / cls / f"{cls}_{n}.tif", root / cls / f"{cls}_{n}.tif")
+    (tmp_path / "downloads" / "EuroSATallBands" / "README.txt").write_text("not a tile")
+    params = params_for(tmp_path, tmp_path / "downloads" / "EuroSATallBands")
+    assert ingest(params)["classes"] == {"Forest": 2, "River": 2, "SeaLake": 2}
+    raw, labels, _ = raw_of(params)
+    assert sorted(labels["id"]) == sorted(f"{c}_{n}" for c in CLASSES for n in (1, 2))
+    assert all((raw / p).is_file() for p in labels["path"])
+
+
+def test_plain_class_folders_get_class_prefixed_ids(tmp_path):
+    tile(tmp_path / "src" / "Forest" / "a.tif", descriptions=ALL_BAND_NAMES)  # correct names pass
+    tile(tmp_path / "src" / "Forest" / "Forest_7.tif")
+    tile(tmp_path / "src" / "River" / "a.tif")
+    params = params_for(tmp_path, tmp_path / "src")
+    summary = ingest(params)
+    assert summary["missing_classes"] == ["SeaLake"]
+    _, labels, _ = raw_of(params)
+    assert dict(zip(labels["id"], labels["path"])) == {
+        "Forest_7": "tiles/Forest/Forest_7.tif",
+        "Forest_a": "tiles/Forest/Forest_a.tif", "River_a": "tiles/River/River_a.tif"}
+
+
+def _manifest_tiles(tmp_path):
+    """Three tiles (values 1, 2, 3) in ``src/t/``; returns ``src``, where the manifest goes."""
+    src = tmp_path / "src"
+    for i in range(3):
+        tile(src / "t" / f"tile_{i}.tif", value=i + 1)
+    return src
+
+
+def test_csv_manifest_keeps_split_and_metadata(tmp_path):
+    src = _manifest_tiles(tmp_path)
+    pd.DataFrame({"id": ["f1", "r1", "s1"], "path": ["t/tile_0.tif", "t/tile_1.tif", str(src / "t" / "tile_2.tif")],
+                  "class": CLASSES, "split": ["train", "val", "test"], "x": [500100.5, 500740.0, 501380.0],
+                  "y": [5.6e6, 5.6e6, 5.6e6], "lat": [50.1, 50.2, 50.3]}).to_csv(src / "m.csv", index=False)
+    params = params_for(tmp_path, src / "m.csv")
+    summary = ingest(params)
+    assert summary["splits"] == {"test": 1, "train": 1, "val": 1}
+    assert summary["metadata_columns"] == ["x", "y", "lat"]
+    raw, labels, _ = raw_of(params)
+    assert list(labels.columns) == ["id", "path", "class", "split", "x", "y", "lat"]
+    assert labels.loc[0, "path"] == "tiles/Forest/f1.tif" and labels.loc[0, "x"] == 500100.5
+    with rasterio.open(raw / labels.loc[2, "path"]) as f:
+        assert f.read(1)[0, 0] == 3  # the absolute path's tile, not another
+
+
+def test_parquet_manifest_with_uri_column(tmp_path):
+    src = _manifest_tiles(tmp_path)
+    pd.DataFrame({"uri": [f"t/tile_{i}.tif" for i in range(3)], "class": CLASSES, "split": ["train"] * 3,
+                  "scene": ["a", "b", "c"]}).to_parquet(src / "m.parquet")
+    params = params_for(tmp_path, src / "m.parquet")
+    ingest(params)
+    _, labels, _ = raw_of(params)
+    assert list(labels["id"]) == ["tile_0", "tile_1", "tile_2"] and list(labels["scene"]) == ["a", "b", "c"]
+    assert list(labels.columns) == ["id", "path", "class", "split", "scene"]
+
+
+@pytest.mark.parametrize("column, values, message", [
+    ("split", ["train", "training", "test"],
+     r"m.csv: row 2 \(.*tile_1.tif\): split 'training'; expected one of train, val, test"),
+    ("id", ["a", "b", "a"], r"m.csv: duplicate id\(s\) \['a'\]"),
+    ("class", ["Forest", "Moon", "Mars"],
+     r"m.csv: unknown class\(es\) \['Mars', 'Moon'\]; expected names from classes.names"),
+])
+def test_manifest_refusals(tmp_path, column, values, message):
+    src = _manifest_tiles(tmp_path)
+    df = pd.DataFrame({"path": [f"t/tile_{i}.tif" for i in range(3)], "class": CLASSES})
+    df[column] = values
+    df.to_csv(src / "m.csv", index=False)
+    with pytest.raises(GeoclipError, match=message):
+        ingest(params_for(tmp_path, src / "m.csv"))
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_unknown_class_folder_and_empty_sources(tmp_path):
+    tile(tmp_path / "src" / "Moon" / "a.tif")
+    with pytest.raises(GeoclipError, match=r"unknown class\(es\) \['Moon'\].*add new classes"):
+        ingest(params_for(tmp_path, tmp_path / "src"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GeoclipError, match="empty: no .tif tiles found"):
+        ingest(params_for(tmp_path, tmp_path / "empty"))
+    tile(tmp_path / "flat" / "a.tif")
+    with pytest.raises(GeoclipError, match="flat: tiles have no class; expected one folder per class"):
+        ingest(params_for(tmp_path, tmp_path / "flat"))
+    with pytest.raises(GeoclipError, match="ingest.source: .*absent does not exist"):
+        ingest(params_for(tmp_path, tmp_path / "absent"))
+
+
+def test_not_a_tiff_is_named_by_its_source_path(tmp_path):
+    bad = tmp_path / "src" / "Forest" / "Forest_1.tif"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("not a tiff")
+    with pytest.raises(GeoclipError) as err:
+        ingest(params_for(tmp_path, tmp_path / "src"))
+    assert str(err.value).startswith(f"{bad}: cannot be read as a raster") and ".tmp" not in str(err.value)
+
+
+def test_band_names_in_the_wrong_order(tmp_path):
+    wrong = list(reversed(ALL_BAND_NAMES))
+    bad = tile(tmp_path / "src" / "River" / "River_1.tif", descriptions=wrong)
+    tile(tmp_path / "src" / "Forest" / "Forest_1.tif", descriptions=ALL_BAND_NAMES)
+    with pytest.raises(GeoclipError) as err:
+        ingest(params_for(tmp_path, tmp_path / "src"))
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: band names {wrong} do not match ingest.band_names {list(ALL_BAND_NAMES)}")
+    assert "\n" not in msg
+    params = params_from_dict({"classes": {"names": CLASSES}, "paths": {"raw": str(tmp_path / "raw")},
+                               "ingest": {"source": str(tmp_path / "src"), "band_names": wrong}})
+    with pytest.raises(GeoclipError, match="Forest_1.tif: band names"):
+        ingest(params)  # now the Forest tile is the odd one out
+
+
+def test_failure_leaves_existing_raw_untouched(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    (raw / "tiles").mkdir(parents=True)
+    (raw / "labels.csv").write_text("id,path,class\n")
+    src = _manifest_tiles(tmp_path)
+    pd.DataFrame({"path": ["t/tile_0.tif", "t/missing.tif"], "class": ["Forest", "River"]}).to_csv(
+        src / "m.csv", index=False)
+    with pytest.raises(GeoclipError, match=r"missing.tif: no such file"):
+        ingest(params_for(tmp_path, src / "m.csv"))
+    assert sorted(p.name for p in raw.iterdir()) == ["labels.csv", "tiles"]
+    assert [p.name for p in raw.parent.iterdir()] == ["raw"]  # no temp folder left behind
+    with pytest.raises(GeoclipError, match="is inside paths.raw"):
+        ingest(params_for(tmp_path, raw / "tiles"))  # ingest would delete its own source
+
+
+def test_synthetic_source_records_band_names(tmp_path):
+    synth = {"synth": {"tiles_per_class": 2, "tile_size": 16, "n_scenes": 0}}
+    params = params_for(tmp_path, "synthetic", classes=["Forest", "River"], **synth)
+    summary = ingest(params)
+    assert summary["n_tiles"] == 4 and summary["metadata_columns"] == ["x", "y"]
+    _, labels, bands = raw_of(params)
+    assert bands == list(ALL_BAND_NAMES) and len(labels) == 4
+    other = params_from_dict({"classes": {"names": ["Forest", "River"]}, "paths": {"raw": str(tmp_path / "r2")},
+                              "ingest": {"band_names": list(reversed(ALL_BAND_NAMES))}, **synth})
+    with pytest.raises(GeoclipError, match=r"ingest.band_names: \['B8A', .*synthetic tiles are written in EuroSAT"):
+        ingest(other)
+
+
+@pytest.fixture
+def bucket(s3_server, tmp_path):
+    """A bucket holding class folders under eurosat/, and a manifest with relative keys under m/."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    if BUCKET not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket=BUCKET)
+    for cls in CLASSES:
+        path = tile(tmp_path / "up" / f"{cls}_1.tif")
+        s3.upload_file(str(path), BUCKET, f"eurosat/{cls}/{cls}_1.tif")
+        s3.upload_file(str(path), BUCKET, f"m/tiles/{cls.lower()}.tif")
+    s3.put_object(Bucket=BUCKET, Key="eurosat/README.md", Body=b"not a tile")
+    manifest = tmp_path / "up" / "manifest.csv"
+    pd.DataFrame({"path": [f"tiles/{c.lower()}.tif" for c in CLASSES], "class": CLASSES,
+                  "split": ["train", "val", "test"], "lon": [7.1, 7.2, 7.3]}).to_csv(manifest, index=False)
+    s3.upload_file(str(manifest), BUCKET, "m/manifest.csv")
+    s3.put_object(Bucket=BUCKET, Key="m/bad.csv", Body=b"path,class\ntiles/gone.tif,River\n")
+    return f"s3://{BUCKET}"
+
+
+def test_s3_prefix_and_manifest(tmp_path, bucket):
+    params = params_for(tmp_path, f"{bucket}/eurosat/")
+    assert ingest(params)["classes"] == {c: 1 for c in CLASSES}
+    raw, labels, _ = raw_of(params)
+    assert sorted(labels["id"]) == [f"{c}_1" for c in CLASSES] and (raw / "tiles/River/River_1.tif").is_file()
+    params = params_for(tmp_path, f"{bucket}/m/manifest.csv")
+    assert ingest(params)["splits"] == {"test": 1, "train": 1, "val": 1}
+    raw, labels, _ = raw_of(params)
+    assert list(labels["lon"]) == [7.1, 7.2, 7.3] and (raw / "tiles/SeaLake/sealake.tif").is_file()
+
+
+@pytest.mark.parametrize("suffix, message", [
+    ("/nothing", r"s3://ingest-test/nothing: no objects found; expected tiles under <Class>/ folders or a manifest"),
+    ("/m/absent.parquet", r"s3://ingest-test/m/absent.parquet: no such object; expected a .csv/.parquet manifest"),
+    ("/m/tiles", r"s3://ingest-test/m/tiles: tiles have no class; expected one folder per class"),
+    ("/m/bad.csv", r"^s3://ingest-test/m/tiles/gone.tif: no such object$"),
+])
+def test_s3_sources_that_do_not_exist(tmp_path, bucket, suffix, message):
+    with pytest.raises(GeoclipError, match=message):
+        ingest(params_for(tmp_path, bucket + suffix))
+
+
+def test_s3_bucket_that_does_not_exist(tmp_path, s3_server):
+    with pytest.raises(GeoclipError, match=r"^s3://no-such-bucket/x: bucket 'no-such-bucket' does not exist$"):
+        ingest(params_for(tmp_path, "s3://no-such-bucket/x"))
+
+
+def test_cli_ingest(tmp_path, capsys):
+    tile(tmp_path / "src" / "Forest" / "a.tif")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(f"classes: {{names: {CLASSES}}}\npaths: {{raw: {tmp_path / 'raw'}}}\n"
+                           f"ingest: {{source: {tmp_path / 'src'}}}\n")
+    assert main(["ingest", "--params", str(params_file)]) == 0
+    assert json.loads(capsys.readouterr().out)["n_tiles"] == 1
+    params_file.write_text(params_file.read_text().replace("/src", "/absent"))
+    assert main(["--params", str(params_file), "ingest"]) == 2
+    assert capsys.readouterr().err.startswith("error: ingest.source:")

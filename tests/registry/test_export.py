@@ -1,0 +1,129 @@
+"""Tests for geoclip.registry.export: TorchScript export served without geoclip, checked against PyTorch, written atomically."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from factories import make_model_dir, make_packs, real_batch, synthetic_tiles
+
+from geoclip.cli import main
+from geoclip.errors import GeoclipError
+from geoclip.model.clip import load_model
+from geoclip.registry.export import ENCODER_FILES, check_export, export_model
+
+REAL = Path(__file__).resolve().parents[3] / "shared/data/eurosat_ms_dev"
+HAS_ONNX = all(importlib.util.find_spec(p) for p in ("onnx", "onnxruntime", "onnxscript"))
+
+# Runs in a fresh interpreter with geoclip and timm made unimportable: the export must serve on torch alone.
+SERVE = """
+import json, sys
+sys.modules["geoclip"] = None
+sys.modules["timm"] = None
+import numpy as np, torch
+export, tiles, out = sys.argv[1:4]
+meta = json.load(open(f"{export}/export.json"))
+module = torch.jit.load(f"{export}/{meta['encoder_file']}")
+cls = torch.from_numpy(np.load(f"{export}/{meta['class_embeddings_file']}"))
+assert torch.equal(module.class_embeddings, cls)
+x = torch.from_numpy(np.load(tiles).astype(np.float32))
+with torch.no_grad():
+    logits = {f"b{n}": (meta["logit_scale"] * module(x[:n]) @ cls.T).numpy() for n in (1, 5)}
+np.savez(out, **logits)
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny model and its TorchScript export."""
+    root = tmp_path_factory.mktemp("export")
+    model_dir = make_model_dir(root / "model")
+    return model_dir, root / "export", export_model(model_dir, root / "export")
+
+
+def tiles5() -> np.ndarray:
+    """Five real EuroSAT_MS tiles (one per class) when the data is here, else synthetic tiles."""
+    return real_batch(REAL, 5) if REAL.exists() else synthetic_tiles(5)
+
+
+def test_torchscript_serves_without_geoclip_and_matches_pytorch(exported, tmp_path):
+    model_dir, out, _ = exported
+    x = tiles5()
+    np.save(tmp_path / "tiles.npy", x)
+    proc = subprocess.run([sys.executable, "-c", SERVE, str(out), str(tmp_path / "tiles.npy"),
+                           str(tmp_path / "logits.npz")], check=False, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = np.load(tmp_path / "logits.npz")
+    with torch.no_grad():
+        ref = load_model(model_dir)(torch.from_numpy(x.astype(np.float32))).numpy()
+    for n in (1, 5):  # dynamic batch: one tile and five
+        np.testing.assert_allclose(served[f"b{n}"], ref[:n], atol=2e-3)
+        assert (served[f"b{n}"].argmax(1) == ref[:n].argmax(1)).all()
+
+
+def test_metadata_records_what_a_server_needs(exported):
+    model_dir, out, meta = exported
+    model = load_model(model_dir)
+    on_disk = json.loads((out / "export.json").read_text())
+    assert {k: on_disk[k] for k in on_disk} == {k: meta[k] for k in on_disk}
+    assert meta["class_names"] == model.cfg.class_names and meta["band_names"] == model.cfg.band_names
+    assert meta["tile_size"] == 64 and meta["format"] == "torchscript"
+    assert meta["logit_scale"] == pytest.approx(float(model.logit_scale.detach().exp()), rel=1e-6)
+    assert meta["max_abs_diff"] <= 1e-4 and meta["checked_batch_sizes"][-1] == 1
+    cls = np.load(out / "class_embeddings.npy")
+    np.testing.assert_allclose(cls, model.class_embeddings().detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(cls, axis=1), 1.0, atol=1e-5)
+    assert sorted(p.name for p in out.iterdir()) == ["class_embeddings.npy", "export.json", "image_encoder.pt"]
+
+
+def test_check_refuses_an_encoder_that_does_not_match(exported, tmp_path):
+    _, out, _ = exported
+    other = load_model(make_model_dir(tmp_path / "other", seed=1))
+    x = torch.from_numpy(synthetic_tiles(4).astype(np.float32))
+    with pytest.raises(GeoclipError, match="differ from PyTorch .* export refused"):
+        check_export(other, out / ENCODER_FILES["torchscript"], "torchscript", x)
+
+
+def test_failed_export_leaves_existing_output_untouched(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    with pytest.raises(GeoclipError, match="expected a folder written by save_model"):
+        export_model(tmp_path / "no_model", out)
+    bad_sample = synthetic_tiles(4)[:, :3]  # a 3-band RGB batch for a 13-band model
+    with pytest.raises(GeoclipError, match=r"expected \(N>=2, 13, H, W\)"):
+        export_model(make_model_dir(tmp_path / "model"), out, sample=bad_sample)
+    with pytest.raises(GeoclipError, match="export format 'tflite'"):
+        export_model(tmp_path / "model", out, fmt="tflite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temp dirs left
+
+
+@pytest.mark.skipif(HAS_ONNX, reason="onnx packages are installed")
+def test_onnx_without_packages_says_what_to_install(tmp_path):
+    with pytest.raises(GeoclipError, match="pip install .*onnx"):
+        export_model(make_model_dir(tmp_path / "model"), tmp_path / "export", fmt="onnx")
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="onnx, onnxruntime, onnxscript not installed")
+def test_onnx_export_matches_pytorch(tmp_path):
+    meta = export_model(make_model_dir(tmp_path / "model"), tmp_path / "export", fmt="onnx")
+    assert meta["max_abs_diff"] <= 1e-4 and (tmp_path / "export/image_encoder.onnx").exists()
+
+
+def test_cli_exports_checked_on_the_test_pack(tmp_path, capsys):
+    make_packs(tmp_path / "prepared", per_class=6)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"paths:\n  prepared: {tmp_path / 'prepared'}\n  model: {tmp_path / 'model'}\n")
+    make_model_dir(tmp_path / "model")
+    assert main(["--params", str(params), "export"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["out_dir"] == str(tmp_path / "model/export") and meta["checked_batch_sizes"] == [3, 1]
+    assert main(["--params", str(params), "export", "--model", str(tmp_path / "none")]) == 2
+    assert "expected a folder written by save_model" in capsys.readouterr().err

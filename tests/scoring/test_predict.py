@@ -1,0 +1,64 @@
+"""Tile prediction to CSV with a saved pyfunc: real EuroSAT_MS tiles, generated folders and manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from factories import make_model_dir, make_tile, synthetic_tiles, torch_predict
+
+from geoclip.bands import EUROSAT_CLASSES
+from geoclip.errors import GeoclipError
+from geoclip.registry.pyfunc import save_pyfunc
+from geoclip.scoring.predict import predict_tiles
+
+PROB_COLUMNS = [f"prob_{c}" for c in EUROSAT_CLASSES]
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory) -> str:
+    """A tiny model saved as a local pyfunc folder (no server needed)."""
+    root = tmp_path_factory.mktemp("predict-model")
+    return str(save_pyfunc(make_model_dir(root / "model"), synthetic_tiles(2), root / "pyfunc"))
+
+
+def write_tiles(folder: Path, tiles: np.ndarray) -> list[Path]:
+    """Write each ``(13, H, W)`` tile as ``folder/tile_<i>.tif``; return the paths."""
+    return [make_tile(folder / f"tile_{i}.tif", tile) for i, tile in enumerate(tiles)]
+
+
+def test_real_eurosat_tiles(tmp_path, model_uri, real_tiles):
+    out = tmp_path / "preds.csv"
+    df = predict_tiles(real_tiles, model_uri, out, batch_size=16)
+    assert len(df) == 100
+    assert list(df.columns) == ["id", "path", "predicted", "confidence", *PROB_COLUMNS, "class"]
+    assert (df["class"] == [Path(p).parent.name for p in df["path"]]).all()
+    assert set(df["predicted"]) <= set(EUROSAT_CLASSES)
+    np.testing.assert_allclose(df[PROB_COLUMNS].sum(axis=1), 1.0, rtol=1e-5)
+    pd.testing.assert_frame_equal(pd.read_csv(out), df, check_dtype=False, atol=1e-6)
+
+
+def test_generated_flat_folder_and_manifest(tmp_path, model_uri):
+    tiles = synthetic_tiles(5, seed=3)
+    paths = write_tiles(tmp_path / "flat", tiles)
+    df = predict_tiles(tmp_path / "flat", model_uri, tmp_path / "flat.csv", batch_size=2)
+    assert "class" not in df.columns and len(df) == 5
+    np.testing.assert_allclose(df[PROB_COLUMNS].to_numpy(), torch_predict(Path(model_uri).parent / "model", tiles)[0],
+                               atol=1e-5)
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"path": [f"flat/{p.name}" for p in paths], "class": ["Forest"] * 5}).to_csv(manifest, index=False)
+    by_manifest = predict_tiles(manifest, model_uri, tmp_path / "manifest_preds.csv")
+    assert (by_manifest["class"] == "Forest").all()
+    np.testing.assert_allclose(by_manifest[PROB_COLUMNS].to_numpy(), df[PROB_COLUMNS].to_numpy(), atol=1e-6)
+
+
+def test_wrong_tile_size_is_refused_and_nothing_written(tmp_path, model_uri):
+    write_tiles(tmp_path / "tiles", synthetic_tiles(2))
+    write_tiles(tmp_path / "tiles" / "big", np.zeros((1, 13, 80, 80), np.uint16))  # a class folder, wrong size
+    (tmp_path / "tiles" / "tile_0.tif").unlink()
+    (tmp_path / "tiles" / "tile_1.tif").unlink()
+    with pytest.raises(GeoclipError, match=r"tile_0\.tif: tile shape \(13, 80, 80\)"):
+        predict_tiles(tmp_path / "tiles", model_uri, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()

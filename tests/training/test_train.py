@@ -1,0 +1,438 @@
+"""Tests for training: runs, MLflow logging, determinism, torchrun launch (1 and 2 processes), failures,
+checkpoints and resume (also after SIGKILL), early stopping, the held-out class and the DataLoader path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+import torch
+import yaml
+from factories import PACK_CLASSES as CLASSES
+from factories import TINY_ENCODER, make_model_dir, make_packs, own_tracking_store, tiny_params_dict
+
+from geoclip.cli import main as cli_main
+from geoclip.config import load_params, params_from_dict
+from geoclip.data.storage import data_version
+from geoclip.errors import GeoclipError
+from geoclip.model.clip import load_model
+from geoclip.stages import launch_training, main, torchrun_command, train
+
+# 12 tiles per class: 8 train tiles each, 24 in all, so 4 batches of 6 per epoch and 12 steps in 3 epochs;
+# checkpoints at steps 5 and 10 both fall inside an epoch. One thread: bit-exact CPU math across processes.
+TINY = {"image_encoder": TINY_ENCODER, "epochs": 3, "batch_size": 6, "num_threads": 1, "checkpoint_every": 5}
+
+
+@pytest.fixture(autouse=True)
+def _own_tracking_store():
+    with own_tracking_store():
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run shared by the tests below: (params, result)."""
+    root = tmp_path_factory.mktemp("train")
+    make_packs(root / "prepared")
+    params = params_from_dict(tiny_params_dict(root))
+    with own_tracking_store():
+        return params, train(params)
+
+
+def test_train_writes_model_run_info_and_history(trained):
+    params, result = trained
+    model_dir = Path(params.paths.model)
+    assert result["epochs"] == 2 and 0.0 <= result["best_val_top1"] <= 1.0
+    for name in ("model.pt", "model_config.json", "run.json", "history.json", "training_curve.png"):
+        assert (model_dir / name).is_file(), name
+    info = json.loads((model_dir / "run.json").read_text())
+    assert info["run_id"] == result["run_id"]
+    history = json.loads((model_dir / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert max(h["val_top1"] for h in history) == result["best_val_top1"]
+    assert all(np.isfinite(h["train_loss"]) and h["temperature"] > 0 for h in history)
+
+
+def test_train_logs_params_metrics_tags_and_artifacts(trained):
+    params, result = trained
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.image_encoder"] == "resnet10t"
+    assert run.data.tags["image_encoder"] == "resnet10t"
+    assert run.data.tags["data_version"] == data_version(params.paths.prepared)  # DVC's hash of the packs
+    assert run.data.tags["data_version"].endswith(".dir") and "data_hash" not in run.data.tags
+    assert run.data.tags["git_revision"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2]
+    assert {"train_loss", "val_top1", "temperature", "lr"} <= set(run.data.metrics)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"history.json", "training_curve.png", "model"} <= names
+
+
+def test_best_model_loads_and_reproduces_best_val_top1(trained):
+    params, result = trained
+    model = load_model(params.paths.model)
+    val_x = np.load(Path(params.paths.prepared) / "val_images.npy")
+    val_y = np.load(Path(params.paths.prepared) / "val_labels.npy")
+    probs, emb = model.predict(torch.from_numpy(val_x))
+    assert probs.shape == (len(val_y), 3) and emb.shape == (len(val_y), 32)
+    assert float((probs.argmax(1).numpy() == val_y).mean()) == pytest.approx(result["best_val_top1"])
+
+
+def test_same_seed_same_weights(tmp_path):
+    """Two CPU runs with the same params and data end with identical state dicts."""
+    make_packs(tmp_path / "prepared", per_class=12)
+    states = []
+    for name in ("a", "b"):
+        d = tiny_params_dict(tmp_path, epochs=1)
+        d["paths"]["model"] = str(tmp_path / name)
+        train(params_from_dict(d))
+        states.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_missing_packs_raise_geoclip_error(tmp_path):
+    params = params_from_dict(tiny_params_dict(tmp_path))
+    with pytest.raises(GeoclipError, match="train_images.npy: not found"):
+        train(params)
+
+
+def test_unknown_image_encoder_is_named(tmp_path):
+    make_packs(tmp_path / "prepared", per_class=12)
+    params = params_from_dict(tiny_params_dict(tmp_path, image_encoder="resnet9000"))
+    with pytest.raises(GeoclipError, match="train.image_encoder: unknown timm model 'resnet9000'"):
+        train(params)
+    assert not (tmp_path / "model").exists()
+
+
+def test_main_prints_one_error_line_and_exits_2(tmp_path, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params_dict(tmp_path)))
+    with pytest.raises(SystemExit) as exc:
+        main(["--params", str(path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "train_images.npy: not found" in err and "\n" not in err
+
+
+def _write_params(root: Path, **train) -> Path:
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params_dict(root, **train)))
+    return path
+
+
+@pytest.mark.slow
+def test_launch_through_torchrun_single_process(tmp_path):
+    make_packs(tmp_path / "prepared", per_class=12)
+    launch_training(_write_params(tmp_path, epochs=1))
+    info = json.loads((tmp_path / "model" / "run.json").read_text())
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(info["run_id"])
+    assert run.data.tags["world_size"] == "1" and "val_top1" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_launch_two_gloo_processes_writes_one_model(tmp_path):
+    make_packs(tmp_path / "prepared", per_class=12)
+    launch_training(_write_params(tmp_path, epochs=1, nproc_per_node=2, num_threads=1))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("geoclip-test").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"  # only rank 0 tracks
+    assert json.loads((tmp_path / "model" / "run.json").read_text())["run_id"] == runs[0].info.run_id
+    assert load_model(tmp_path / "model").cfg.class_names == CLASSES
+    rngs = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2  # every rank's random streams, each rank's augmentation its own
+    assert not torch.equal(rngs[0]["generators"]["augment"], rngs[1]["generators"]["augment"])
+
+
+@pytest.mark.slow
+def test_launch_failure_raises_with_the_workers_message(tmp_path):
+    with pytest.raises(GeoclipError, match="train_images.npy: not found"):
+        launch_training(_write_params(tmp_path))
+
+
+DDP_GRADIENT_CHECK = '''
+import copy, torch, torch.distributed as dist
+from torch import nn
+from geoclip.model.loss import LOSSES
+from geoclip.model.clip import GeoCLIP, ModelConfig
+from geoclip.training.distributed import gather
+from geoclip.training.step import EmbeddingStep
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)  # the same batch on both ranks
+x, y = torch.rand(8, 13, 64, 64) * 3000, torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
+mine = slice(rank * 4, rank * 4 + 4)
+
+
+def close(a, b):
+    """float32 sums in another order: equal up to ~1e-5 of the tensor's largest value."""
+    return (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-12
+
+
+for name in ("clip", "siglip"):
+    torch.manual_seed(0)
+    cfg = ModelConfig("resnet10t", 16, [f"B{i}" for i in range(13)], ["a", "b", "c"], [["x"]] * 3, [1e3] * 13,
+                      [5e2] * 13, loss=name)
+    model = GeoCLIP(cfg, torch.randn(3, 1, 384)).eval()  # eval: BatchNorm must not depend on the split
+    ref = copy.deepcopy(model)
+    ddp = nn.parallel.DistributedDataParallel(EmbeddingStep(model))  # keep a reference: its hooks average the gradients
+    img, cls, scale, bias = ddp(x[mine])
+    loss = LOSSES[name](gather(img, world, True), cls, gather(y[mine], world, False), scale, bias)
+    loss.backward()
+    img, cls, scale, bias = EmbeddingStep(ref)(x)
+    ref_loss = LOSSES[name](img, cls, y, scale, bias)
+    ref_loss.backward()
+    assert close(loss.detach(), ref_loss.detach()), f"{name}: losses differ"
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (q.grad is None or close(p.grad, q.grad)), f"{name}: grads"
+    for m in (model, ref):  # one optimiser step each: the weights stay together
+        torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3).step()
+    assert all(close(p, q) for p, q in zip(model.parameters(), ref.parameters())), f"{name}: weights differ"
+    print("ok", name, rank)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_two_rank_losses_gradients_and_steps_equal_the_single_process_global_batch(tmp_path):
+    """DDP + gathered embeddings give the same loss, gradients and updated weights as one process on the batch."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_GRADIENT_CHECK)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], check=False, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert {f"ok {n} {r}" for n in ("clip", "siglip") for r in (0, 1)} <= set(out.stdout.splitlines())
+
+
+def _tiny(root: Path, store: str, **train_opts) -> Path:
+    """Tiny packs under ``root`` (made once) and a params file for a TINY run; returns the params path."""
+    if not (root / "prepared").exists():
+        make_packs(root / "prepared", per_class=12)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params_dict(root, tracking_uri=store, **{**TINY, **train_opts})))
+    return path
+
+
+def _train(path: Path, resume: bool = False) -> dict:
+    """Train in this process from a params file, leaving torch's thread count as it was."""
+    threads = torch.get_num_threads()
+    try:
+        return train(load_params(path), resume=resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _weights(model_dir: Path) -> dict:
+    return torch.load(Path(model_dir) / "model.pt", weights_only=True)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One MLflow store for the module's tiny runs (creating a store takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, store):
+    """One uninterrupted TINY run: (root, result)."""
+    root = tmp_path_factory.mktemp("tiny")
+    with own_tracking_store():
+        return root, _train(_tiny(root, store))
+
+
+def _copy_run(src: Path, dst: Path, store: str, **train_opts) -> Path:
+    """A copy of a finished run's model folder (checkpoint included) beside fresh identical packs."""
+    shutil.copytree(src / "model", dst / "model")
+    return _tiny(dst, store, **train_opts)
+
+
+def test_checkpoint_holds_everything_needed_to_resume(tiny_run):
+    root, result = tiny_run
+    ck = torch.load(root / "model" / "checkpoint.pt", weights_only=True)
+    prog = ck["progress"]
+    assert prog["finished"] and (prog["epoch"], prog["batch"], prog["step"]) == (4, 0, 12)
+    assert ck["run_id"] == result["run_id"] and ck["fingerprint"]["train.batch_size"] == "6"
+    assert {"python", "numpy", "torch", "generators"} <= set(ck["rng"][0])
+    assert set(ck["rng"][0]["generators"]) == {"shuffle", "augment"}
+    assert ck["scheduler"]["last_epoch"] == 12 and ck["optimizer"]["state"]
+    assert [h["epoch"] for h in prog["history"]] == [1, 2, 3] and prog["best_epoch"] == result["best_epoch"]
+    assert _same(prog["best_state"], _weights(root / "model"))  # model.pt holds the best epoch's weights
+
+
+def test_dataloader_path_trains_the_same_weights_as_device_tiles(tiny_run, tmp_path, store, monkeypatch):
+    monkeypatch.setattr("geoclip.training.train.fits_on_device", lambda *args: False)
+    result = _train(_tiny(tmp_path, store))
+    assert _same(_weights(tmp_path / "model"), _weights(tiny_run[0] / "model"))
+    run = mlflow.MlflowClient(store).get_run(result["run_id"])
+    assert run.data.tags["data_path"] == "loader"
+    assert mlflow.MlflowClient(store).get_run(tiny_run[1]["run_id"]).data.tags["data_path"] == "device"
+
+
+@pytest.mark.parametrize("change, named", [({"batch_size": 4}, "train.batch_size: 6 in the checkpoint, 4 now"),
+                                           ({"image_encoder": "resnet10t"}, "train.image_encoder")])
+def test_resume_refuses_a_checkpoint_made_with_other_params(tiny_run, tmp_path, store, capsys, change, named):
+    path = _copy_run(tiny_run[0], tmp_path, store, **change)
+    before = (tmp_path / "model" / "checkpoint.pt").read_bytes()
+    if "batch_size" in change:  # the torchrun entry point ...
+        with pytest.raises(SystemExit) as exc:
+            main(["--params", str(path), "--resume"])
+        assert exc.value.code == 2
+    else:  # ... and the geoclip command line
+        assert cli_main(["train", "--in-process", "--resume", "--params", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {tmp_path / 'model' / 'checkpoint.pt'}: checkpoint was made with other settings")
+    assert named in err
+    assert (tmp_path / "model" / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_names_a_checkpoint_whose_mlflow_run_is_elsewhere(tiny_run, tmp_path):
+    path = _copy_run(tiny_run[0], tmp_path, f"sqlite:///{tmp_path}/other.db")
+    with pytest.raises(GeoclipError, match=rf"checkpoint\.pt: its MLflow run {tiny_run[1]['run_id']} cannot be "
+                                           r"reopened in sqlite:///.*other\.db"):
+        _train(path, resume=True)
+
+
+def test_without_resume_an_old_checkpoint_is_not_reused(tiny_run, tmp_path, store, capsys):
+    path = _copy_run(tiny_run[0], tmp_path, store, epochs=1)
+    result = _train(path)
+    assert "exists but --resume was not given: starting fresh" in capsys.readouterr().err
+    ck = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=True)
+    assert result["run_id"] != tiny_run[1]["run_id"] and ck["run_id"] == result["run_id"]
+    assert ck["progress"]["step"] == 4 and result["epochs"] == 1 and result["resumed_from_step"] is None
+
+
+def test_resuming_a_finished_run_reopens_its_mlflow_run_and_trains_no_more(tiny_run, tmp_path, store):
+    path = _copy_run(tiny_run[0], tmp_path, store)
+    (tmp_path / "model" / "model.pt").unlink()  # e.g. killed after the last checkpoint, before saving
+    result = _train(path, resume=True)
+    assert result["run_id"] == tiny_run[1]["run_id"] and result["resumed_from_step"] == 12
+    assert result["epochs"] == 3 and result["best_val_top1"] == tiny_run[1]["best_val_top1"]
+    assert _same(_weights(tmp_path / "model"), _weights(tiny_run[0] / "model"))
+    assert mlflow.MlflowClient(store).get_run(result["run_id"]).data.metrics["resumed_from_step"] == 12
+
+
+def test_early_stopping_keeps_the_best_weights_and_logs_why(tmp_path, store):
+    path = _tiny(tmp_path, store, epochs=8, patience=1)
+    result = _train(path)
+    history = json.loads((tmp_path / "model" / "history.json").read_text())
+    tops = [h["val_top1"] for h in history]
+    assert result["stopped_early"] and len(history) == result["best_epoch"] + 1 < 8
+    assert tops[result["best_epoch"] - 1] == max(tops) == result["best_val_top1"] and tops[-1] <= max(tops)
+    run = mlflow.MlflowClient(store).get_run(result["run_id"])
+    assert run.data.metrics["stopped_early"] == 1.0 and run.data.metrics["best_epoch"] == result["best_epoch"]
+    params = load_params(path)
+    val = np.load(Path(params.paths.prepared) / "val_images.npy")
+    labels = np.load(Path(params.paths.prepared) / "val_labels.npy")
+    probs, _ = load_model(params.paths.model).predict(torch.from_numpy(val))
+    assert float((probs.argmax(1).numpy() == labels).mean()) == pytest.approx(result["best_val_top1"])
+
+
+def _without_class(src: Path, dst: Path, label: int) -> list[str]:
+    """Copy packs leaving one class out entirely (tiles and name; the band statistics kept); return the names."""
+    dst.mkdir(parents=True)
+    stats = json.loads((src / "stats.json").read_text())
+    for split in ("train", "val", "test"):
+        labels = np.load(src / f"{split}_labels.npy")
+        keep = labels != label
+        np.save(dst / f"{split}_images.npy", np.load(src / f"{split}_images.npy")[keep])
+        np.save(dst / f"{split}_labels.npy", labels[keep])
+    names = [n for i, n in enumerate(stats["class_names"]) if i != label]
+    (dst / "stats.json").write_text(json.dumps({**stats, "class_names": names}))
+    return names
+
+
+def test_a_held_out_class_is_trained_as_if_it_did_not_exist(tmp_path, store):
+    held = _train(_tiny(tmp_path / "held", store, holdout_class="SeaLake"))
+    other = tmp_path / "without"
+    names = _without_class(tmp_path / "held" / "prepared", other / "prepared", CLASSES.index("SeaLake"))
+    path = _tiny(other, store)
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "classes": {"names": names}}))
+    _train(path)
+    a, b = _weights(tmp_path / "held" / "model"), _weights(other / "model")
+    # Same weights: the class's tiles and its name never took part; only the model's class list is longer.
+    assert _same({k: v for k, v in a.items() if k != "prompt_features"},
+                 {k: v for k, v in b.items() if k != "prompt_features"})
+    assert torch.equal(a["prompt_features"][:2], b["prompt_features"])
+    assert load_model(tmp_path / "held" / "model").cfg.class_names == CLASSES  # evaluation scores all classes
+    hist = [json.loads((d / "model" / "history.json").read_text()) for d in (tmp_path / "held", other)]
+    assert hist[0] == hist[1]
+    run = mlflow.MlflowClient(store).get_run(held["run_id"])
+    assert run.data.tags["holdout_class"] == "SeaLake" and run.data.params["train.holdout_class"] == "SeaLake"
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the process groups of ``pid`` and all its descendants, and wait until they are gone.
+
+    torchrun starts each worker in a session of its own, so killing the agent's group alone would leave the
+    worker training on (and writing checkpoints) as an orphan.
+    """
+    descendants = psutil.Process(pid).children(recursive=True)
+    for pgid in {os.getpgid(p.pid) for p in [psutil.Process(pid), *descendants] if p.is_running()}:
+        os.killpg(pgid, signal.SIGKILL)
+    psutil.wait_procs(descendants)  # not ``pid`` itself: the caller reaps its own child (and its exit status)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_resumes_to_the_uninterrupted_weights(tiny_run, tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"  # its own store: the killed and resumed run must be one run
+    path = _tiny(tmp_path, store)
+    ckpt = tmp_path / "model" / "checkpoint.pt"
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen(torchrun_command(load_params(path), path), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        while not ckpt.exists() and proc.poll() is None:
+            time.sleep(0.01)
+        _kill_tree(proc.pid)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    ck = torch.load(ckpt, weights_only=True)
+    prog = ck["progress"]
+    assert prog["step"] in (5, 10) and 0 < prog["batch"] < 4 and not prog["finished"]  # inside an epoch
+    assert not (tmp_path / "model" / "model.pt").exists()
+
+    launch_training(path, resume=True)
+    # Bit for bit (torch.equal, no tolerance): same batches, augmentation draws and learning rates.
+    assert _same(_weights(tmp_path / "model"), _weights(tiny_run[0] / "model"))
+    assert (tmp_path / "model" / "history.json").read_text() == (tiny_run[0] / "model" / "history.json").read_text()
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("geoclip-test").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == ck["run_id"] and runs[0].info.status == "FINISHED"
+    assert json.loads((tmp_path / "model" / "run.json").read_text())["run_id"] == ck["run_id"]
+    assert runs[0].data.metrics["resumed_from_step"] == prog["step"]
+    assert {m.step for m in client.get_metric_history(ck["run_id"], "val_top1")} == {1, 2, 3}
+
+
+def test_fine_tuned_sentence_encoder_gets_a_hundredth_of_the_learning_rate(tmp_path):
+    from torch import nn
+
+    from geoclip.training.step import TEXT_LR_FACTOR, make_optimizer
+
+    model = load_model(make_model_dir(tmp_path / "model"))
+    model.text_encoder = nn.Linear(4, 4)  # stands in for the sentence encoder: only its parameters matter here
+    params = params_from_dict({"train": {"lr": 0.002}})
+    groups = make_optimizer(model, params.train.lr, params.train.weight_decay).param_groups
+    text_ids = {id(p) for p in model.text_encoder.parameters()}
+    for g in groups:
+        in_text = {id(p) in text_ids for p in g["params"]}
+        assert len(in_text) == 1  # a group is all text encoder or none of it
+        assert g["lr"] == (0.002 * TEXT_LR_FACTOR if in_text == {True} else 0.002)
+    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])

@@ -1,0 +1,67 @@
+"""Tests for the training data paths: holdout rows, label remapping, shards, device tiles vs the pack loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from factories import make_packs, tiny_params_dict
+
+from geoclip.config import params_from_dict
+from geoclip.training.train_data import (
+    TrainTiles,
+    fits_on_device,
+    kept_rows,
+    rank_batches,
+    remap_labels,
+    training_classes,
+    widen,
+)
+
+
+def test_training_classes_leave_out_the_holdout_class(tmp_path):
+    params = params_from_dict(tiny_params_dict(tmp_path, holdout_class="Industrial"))
+    assert training_classes(params) == [0, 2]
+    assert training_classes(params_from_dict(tiny_params_dict(tmp_path))) == [0, 1, 2]
+    labels = np.array([2, 1, 0, 2, 1])
+    rows = kept_rows(labels, [0, 2])
+    assert rows.tolist() == [0, 2, 3]
+    assert remap_labels(labels[rows], [0, 2]).tolist() == [1, 0, 1]
+
+
+def test_rank_shards_are_disjoint_and_the_global_batch_is_kept():
+    shards = [rank_batches(20, 8, r, 2, torch.Generator().manual_seed(0)) for r in range(2)]
+    assert [len(b) for b in shards[0]] == [4, 4, 2] == [len(b) for b in shards[1]]
+    seen = [set(torch.cat(s).tolist()) for s in shards]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(20))
+
+
+def test_widen_restores_uint16_values_stored_as_int16():
+    raw = np.array([0, 1, 32767, 32768, 40000, 65535], dtype=np.uint16)
+    assert widen(torch.from_numpy(raw).view(torch.int16)).tolist() == raw.tolist()
+
+
+def test_fits_on_device_keeps_to_half_the_free_memory():
+    cpu = torch.device("cpu")
+    assert fits_on_device(1 << 20, cpu)
+    assert not fits_on_device(1 << 60, cpu)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pack_loader_serves_the_same_batches_as_device_tiles(tmp_path, workers):
+    prepared = make_packs(tmp_path / "prepared", per_class=8)
+    pack = prepared / "train_images.npy"
+    raw = np.load(pack)
+    raw[:, :, 0, 0] = 50000  # values above int16's range must come back intact
+    np.save(pack, raw)
+    images = np.load(pack, mmap_mode="r")  # memory-mapped, as load_split gives it
+    rows = np.array([0, 2, 3, 5, 7, 8, 11])
+    batches = rank_batches(len(rows), 3, 0, 1, torch.Generator().manual_seed(1))
+    on_dev = TrainTiles(pack, images, rows, torch.device("cpu"), 0, on_device=True)
+    loader = TrainTiles(pack, images, rows, torch.device("cpu"), 0, on_device=False, workers=workers)
+    a, b = list(on_dev.batches(batches, 1)), list(loader.batches(batches, 1))
+    assert len(a) == len(b) == len(batches)
+    for idx, x, y in zip(batches, a, b):
+        assert x.dtype == torch.int32 and torch.equal(x, y)
+        assert torch.equal(x, torch.from_numpy(raw[rows[idx.numpy()]].astype(np.int32)))
+    assert on_dev.nbytes == len(rows) * raw[0].nbytes and loader.nbytes == 0
