@@ -21,12 +21,19 @@ DEFAULT_PARAMS = Path("params.yaml")
 class PathsConfig:
     """Where each stage reads and writes, relative to the project root."""
 
-    raw: str = "data/raw"  # tiles/<Class>/<Class>_<n>.tif, labels.csv, scenes/
+    raw: str = "data/raw"  # tiles/<Class>/<Class>_<n>.tif, labels.csv, bands.json, ingest.json: ingest's alone
+    # synthetic scenes/ and truth/ (ingest.source synthetic); "" = "synthetic" beside raw. Never inside raw, which
+    # ingest replaces whole: scenes of your own go in a folder of their own (score.scenes), not here either.
+    synthetic: str = ""
     prepared: str = "data/prepared"  # packed arrays, splits, normalisation stats
     reports: str = "reports"  # validation reports (JSON + HTML)
     model: str = "models"  # trained weights + run info
     eval: str = "eval"  # metrics.json, plots
     scores: str = "outputs/scores"  # class maps + area summaries
+
+    def synthetic_dir(self) -> Path:
+        """Where synthetic ingest writes its scenes and truth maps: ``synthetic``, else ``synthetic/`` beside raw."""
+        return Path(self.synthetic) if self.synthetic else Path(self.raw).parent / "synthetic"
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,9 @@ class IngestConfig:
     source: str = "synthetic"
     band_names: list[str] = field(default_factory=lambda: list(ALL_BAND_NAMES))  # the source files' band order
     workers: int = 8  # parallel copies / downloads
+    # A manifest's rows must stay inside its folder (s3://: its bucket and prefix): a hostile or mistaken manifest
+    # cannot pull /etc/... or another bucket's objects into the dataset. true: any path or URI is allowed.
+    allow_outside_paths: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,7 +165,7 @@ class ScoreConfig:
     """Sliding-window batch scoring of large scenes."""
 
     model_uri: str = "models:/geoclip@champion"
-    scenes: str = "data/raw/scenes"  # folder or s3:// prefix
+    scenes: str = "data/synthetic/scenes"  # folder or s3:// prefix; truth maps in truth/ beside it, if any
     window: int = 64
     stride: int = 32
     batch_size: int = 256
@@ -288,6 +298,10 @@ def _validate(p: Params, source: str) -> None:
     if bad or not p.bands:
         raise GeoclipError(f"bands: unknown band(s) {bad}; expected names from ingest.band_names "
                            f"{list(p.ingest.band_names)}")
+    raw, synthetic = Path(os.path.abspath(p.paths.raw)), Path(os.path.abspath(p.paths.synthetic_dir()))
+    if raw.is_relative_to(synthetic) or synthetic.is_relative_to(raw):
+        raise GeoclipError(f"paths.synthetic: {p.paths.synthetic_dir()} overlaps paths.raw ({p.paths.raw}); expected "
+                           f"two separate folders (ingest replaces each whole)")
     if p.train.loss not in ("clip", "siglip"):
         raise GeoclipError(f"train.loss: {p.train.loss!r}; expected 'clip' or 'siglip'")
     if p.train.holdout_class and p.train.holdout_class not in p.classes.names:

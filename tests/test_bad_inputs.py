@@ -20,13 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from big_files import SCENE_SIZE, write_full_scene
 from factories import make_tile
 
 from geoclip.cli import main
+from geoclip.devtools.services import HOST, free_port
 
 CLASSES = ["Forest", "River", "SeaLake"]
 PER_CLASS = 3  # tiles per class in the good dataset; also validate.min_tiles_per_class
@@ -171,8 +174,84 @@ def _empty_source(root: Path) -> None:
     good_raw(root, ingest={"source": f"{root}/incoming"})
 
 
+def _ingest_over_hand_made_raw(root: Path) -> None:
+    """A raw dataset the user laid out by hand (ingest did not write it), then an ingest of a good source."""
+    make_tile(root / "incoming" / "Forest" / "Forest_9.tif")
+    good_raw(root, ingest={"source": f"{root}/incoming"})
+
+
+def _manifest_row_outside(root: Path) -> None:
+    make_tile(root / "secret.tif")
+    (root / "incoming").mkdir()
+    (root / "incoming" / "m.csv").write_text("id,path,class\nx1,../secret.tif,Forest\n")
+    good_raw(root, ingest={"source": f"{root}/incoming/m.csv"})
+
+
 def _too_few_for_splits(root: Path) -> None:
     good_raw(root, prepare={"min_tiles_per_split": 2, "val_fraction": 0.3, "test_fraction": 0.3})
+
+
+def _scene_among_tiles(root: Path) -> dict:
+    """A folder of two good tiles and a whole scene (13 x 10980 x 10980, 4 kB on disk) to predict."""
+    make_tile(root / "tiles" / "a.tif")
+    make_tile(root / "tiles" / "b.tif", seed=1)
+    write_full_scene(root / "tiles" / "scene.tif")
+    write_params(root)
+    return {"model": str(tiny_pyfunc())}
+
+
+def _tiles_to_predict(root: Path) -> dict:
+    """Two good tiles; the fields name the tracking URI in the environment (set by a fixture)."""
+    make_tile(root / "tiles" / "a.tif")
+    write_params(root)
+    return {"tracking": os.environ["MLFLOW_TRACKING_URI"]}
+
+
+def _scenes_on_unreachable_s3(root: Path) -> dict:
+    write_params(root, score={"scenes": "s3://geoclip-scenes/scenes"})
+    return {"endpoint": os.environ["AWS_ENDPOINT_URL"]}
+
+
+def _ingest_s3_without_credentials(root: Path) -> dict:
+    good_raw(root, ingest={"source": "s3://geoclip-tiles/eurosat/"})
+    return {"endpoint": os.environ["AWS_ENDPOINT_URL"]}
+
+
+# ---- fixtures for infrastructure failures: the environment a user would have ----
+
+@pytest.fixture
+def unreachable_s3(monkeypatch):
+    """S3 settings naming a port where nothing listens, one attempt per request."""
+    endpoint = f"http://{HOST}:{free_port()}"
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # a fresh process: nothing resolved before
+    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint, "AWS_MAX_ATTEMPTS": "1",
+                        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def no_aws_credentials(s3_server, monkeypatch, tmp_path):
+    """moto's S3 reachable, but no AWS credentials anywhere (environment, files, instance metadata)."""
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # the session caches credentials it resolved
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                 "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def tracking_server_down(monkeypatch):
+    """MLFLOW_TRACKING_URI naming a port where nothing listens, one attempt per request."""
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # an earlier case's in-process choice would win over the environment
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://{HOST}:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once, not after minutes of backoff
+    yield
+    mlflow.set_tracking_uri(None)
 
 
 RAW = "{root}/data/raw"
@@ -240,9 +319,40 @@ CASES: dict[str, Case] = {
     "ingest_missing_folder": Case(
         _ingest_from("{root}/nowhere"), ("ingest",), ("ingest.source: {root}/nowhere does not exist",),
         untouched=("data/raw/labels.csv",)),
+    "ingest_over_files_it_did_not_write": Case(
+        _ingest_over_hand_made_raw, ("ingest",),
+        ("{root}/data/raw: holds 10 file(s) ingest did not write (labels.csv, tiles/Forest/Forest_1.tif, ",
+         "move them elsewhere"),
+        untouched=("data/raw/labels.csv", "data/raw/tiles/Forest/Forest_1.tif")),
+    "ingest_manifest_row_outside_its_folder": Case(
+        _manifest_row_outside, ("ingest",),
+        ("{root}/incoming/m.csv: row 1 (id x1, path ../secret.tif) is outside the manifest's folder {root}/incoming",
+         "ingest.allow_outside_paths"),
+        untouched=("data/raw/labels.csv",)),
     "split_with_too_few_tiles_per_class": Case(
         _too_few_for_splits, ("prepare",), ("split_classes check failed", "split_classes.min_tiles_per_split"),
         absent=("data/prepared",)),
+    "full_scene_among_tiles": v(break_tile(write_full_scene), TWO,
+                                f"tiles.width (expected width 64 px) failed for {TILE} (got {SCENE_SIZE})",
+                                f"tiles.height (expected height 64 px) failed for {TILE} (got {SCENE_SIZE})"),
+    "full_scene_to_predict": Case(
+        _scene_among_tiles, ("predict", "{root}/tiles", "--model", "{model}", "--out", "{root}/preds.csv"),
+        (f"{{root}}/tiles/scene.tif: tile shape (13, {SCENE_SIZE}, {SCENE_SIZE}), the model expects (13, 64, 64)",
+         "geoclip score"), absent=("preds.csv",)),
+    "predict_with_tracking_server_down": Case(
+        _tiles_to_predict, ("predict", "{root}/tiles", "--model", "models:/geoclip@champion", "--out",
+                            "{root}/preds.csv"),
+        ("models:/geoclip@champion: MLflow tracking server {tracking} is unreachable", "MLFLOW_TRACKING_URI"),
+        absent=("preds.csv",), fixtures=("tracking_server_down",)),
+    "s3_scenes_on_unreachable_endpoint": Case(
+        _scenes_on_unreachable_s3, ("score",),
+        ("s3://geoclip-scenes/scenes", "S3 endpoint {endpoint} is unreachable", "AWS_ENDPOINT_URL"),
+        absent=("outputs/scores",), fixtures=("unreachable_s3",)),
+    "ingest_s3_without_credentials": Case(
+        _ingest_s3_without_credentials, ("ingest",),
+        ("s3://geoclip-tiles/eurosat/", "no AWS credentials for the S3 endpoint {endpoint}",
+         "AWS_ACCESS_KEY_ID"),
+        untouched=("data/raw/labels.csv",), fixtures=("no_aws_credentials",)),
     "missing_s3_scenes": Case(
         lambda root: write_params(root, score={"scenes": "s3://missing-bucket/scenes"}), ("score",),
         ("s3://missing-bucket/scenes", "does not exist"), absent=("outputs/scores",), fixtures=("s3_server",)),

@@ -38,6 +38,8 @@ def test_int_is_widened_to_float():
     ({"score": {"window": 64, "stride": 48}}, "score.stride"),
     ({"prepare": {"val_fraction": 0.6, "test_fraction": 0.5}}, "sum between 0 and 1"),
     ({"synth": []}, "synth: expected a mapping"),
+    ({"paths": {"raw": "data/raw", "synthetic": "data/raw/synthetic"}}, "paths.synthetic: data/raw/synthetic overlaps"),
+    ({"ingest": {"allow_outside_paths": "yes"}}, "ingest.allow_outside_paths: expected bool"),
 ])
 def test_bad_params_name_the_field(data, fragment):
     with pytest.raises(GeoclipError, match=None) as info:

@@ -101,7 +101,7 @@ def test_class_map_keeps_scene_georeferencing(pipeline):
     import rasterio
 
     work, _, _ = pipeline
-    scene = work / "data/raw/scenes/scene_1.tif"
+    scene = work / "data/synthetic/scenes/scene_1.tif"  # outside data/raw, which ingest replaces
     classmap = work / "outputs/scores/scene_1_classmap.tif"
     with rasterio.open(scene) as src, rasterio.open(classmap) as out:
         assert out.crs == src.crs and out.transform == src.transform
@@ -127,6 +127,19 @@ def repro_with(pipeline, section: str, key: str, value) -> str:
     return run(["dvc", "repro"], work, env).stdout
 
 
+def test_repro_keeps_the_scoring_ledger_and_scheduled_runs_outputs(pipeline):
+    work, _, _ = pipeline
+    scores = work / "outputs/scores"
+    ledger = sorted(p.relative_to(scores) for p in (scores / "_manifest").rglob("done-*.json"))
+    assert ledger  # the score stage recorded its scene as done
+    scheduled = scores / "scheduled_scene_classmap.tif"  # what a Prefect run scoring another scene put here
+    shutil.copy(scores / "scene_1_classmap.tif", scheduled)
+    out = repro_with(pipeline, "score", "batch_size", 128)
+    assert "Running stage 'score'" in out
+    assert scheduled.is_file()
+    assert sorted(p.relative_to(scores) for p in (scores / "_manifest").rglob("done-*.json")) == ledger
+
+
 def test_changing_score_params_reruns_only_score(pipeline):
     out = repro_with(pipeline, "score", "stride", 64)
     assert "Running stage 'score'" in out
@@ -138,3 +151,13 @@ def test_changing_a_validation_threshold_does_not_retrain(pipeline):
     assert "Running stage 'validate'" in out
     # prepare re-checks the data, but the packs come out identical (same DVC hash), so nothing downstream reruns
     assert "Running stage 'train'" not in out and "Running stage 'ingest'" not in out
+
+
+def test_repro_refuses_rather_than_deletes_a_users_file_in_raw(pipeline):
+    work, env, _ = pipeline
+    mine = work / "data/raw/notes.txt"  # e.g. scenes put where the old default score.scenes pointed
+    mine.write_text("mine")
+    proc = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "holds 1 file(s) ingest did not write (notes.txt)" in proc.stdout + proc.stderr
+    assert mine.read_text() == "mine"

@@ -6,6 +6,7 @@ EuroSATallBands, a plain folder per class); a .csv/.parquet manifest; the same b
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -27,6 +28,8 @@ from geoclip.data.tiles import (
     discover_tiles,
     layout_tiles,
     read_manifest,
+    record_written,
+    refuse_unwritten,
 )
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_dir, write_json
@@ -40,43 +43,47 @@ def ingest(params: Params) -> dict:
 
     The raw folder is only ever replaced as a whole, by a successful ingest (as a DVC stage output is):
     everything is written to a temporary folder beside it and swapped in at the end, so a failure leaves
-    the previous ``paths.raw`` untouched and no partial data. Tiles of a folder source get the id
-    ``<Class>_<stem>`` (the stem alone when it already starts with ``<Class>_``, as EuroSAT's do);
-    manifest tiles keep their ``id`` column, else the file stem.
+    the previous ``paths.raw`` untouched and no partial data. Only a folder ingest wrote itself is replaced:
+    a file it did not write (one not listed in its ``ingest.json``) is refused, never deleted. Tiles of a folder
+    source get the id ``<Class>_<stem>`` (the stem alone when it already starts with ``<Class>_``, as EuroSAT's do);
+    manifest tiles keep their ``id`` column, else the file stem. Every tile is checked to be a raster with the
+    expected band names (a local one before it is copied).
     """
     cfg, start = params.ingest, time.perf_counter()
     if cfg.source == "synthetic":
         return _ingest_synthetic(params, start)
     if cfg.workers < 1:
         raise GeoclipError(f"ingest.workers: {cfg.workers}; expected at least 1")
-    tiles, is_manifest = _list_source(cfg.source, Path(params.paths.raw))
+    tiles, is_manifest = _list_source(cfg.source, Path(params.paths.raw), cfg.allow_outside_paths)
     labels = _labels(tiles, cfg.source, is_manifest, list(params.classes.names))
     raw = Path(params.paths.raw)
-    with atomic_dir(raw) as tmp:
+    with atomic_dir(raw, check=refuse_unwritten) as tmp:
         _fetch_all(tiles["path"].tolist(), [tmp / p for p in labels["path"]], labels["class"].tolist(),
                    list(cfg.band_names), cfg.workers)
         labels.to_csv(tmp / LABELS_FILE, index=False)
         write_json(tmp / BANDS_FILE, {"band_names": list(cfg.band_names)})
+        record_written(tmp)
+    # The synthetic scenes are another folder: left as they are (a DVC output of this stage, so it must exist).
+    params.paths.synthetic_dir().mkdir(parents=True, exist_ok=True)
     return _summary(params, labels, start)
 
 
 def _ingest_synthetic(params: Params, start: float) -> dict:
-    """Generate the synthetic dataset (atomically, by synth) and record its band order."""
+    """Generate the synthetic dataset and scenes (atomically, by synth; band order recorded with the tiles)."""
     from geoclip.data.synth import generate
 
     if list(params.ingest.band_names) != list(ALL_BAND_NAMES):
         raise GeoclipError(f"ingest.band_names: {list(params.ingest.band_names)}; synthetic tiles are written in "
                            f"EuroSAT order {list(ALL_BAND_NAMES)}: use that order for ingest.source 'synthetic'")
     result = generate(params)
-    write_json(Path(params.paths.raw) / BANDS_FILE, {"band_names": list(ALL_BAND_NAMES)})
     labels = pd.read_csv(Path(params.paths.raw) / LABELS_FILE)
-    return _summary(params, labels, start) | {"scenes": result["scenes"]}
+    return _summary(params, labels, start) | {"synthetic": result["synthetic"], "scenes": result["scenes"]}
 
 
-def _list_source(source: str, raw: Path) -> tuple[pd.DataFrame, bool]:
+def _list_source(source: str, raw: Path, allow_outside: bool = False) -> tuple[pd.DataFrame, bool]:
     """The source's tiles (``path`` = local path or URI, ``class``, manifest columns) and whether it is a manifest."""
     if s3.is_s3(source):
-        return _list_s3(source)
+        return _list_s3(source, allow_outside)
     path = Path(source)
     if not path.exists():
         raise GeoclipError(f"ingest.source: {source} does not exist; expected 'synthetic', a tile folder, "
@@ -84,18 +91,54 @@ def _list_source(source: str, raw: Path) -> tuple[pd.DataFrame, bool]:
     if path.resolve().is_relative_to(raw.resolve()):
         raise GeoclipError(f"ingest.source: {source} is inside paths.raw ({raw}), which ingest replaces; "
                            f"keep the download elsewhere (e.g. data/downloads/)")
-    return discover_tiles(path), path.is_file()
+    tiles = discover_tiles(path)
+    if path.is_file() and not allow_outside:
+        _refuse_outside(tiles, source, str(path.parent))
+    return tiles, path.is_file()
 
 
-def _list_s3(source: str) -> tuple[pd.DataFrame, bool]:
+def _inside(path: str, base: str) -> bool:
+    """Whether ``path`` (local path or URI) lies inside ``base`` (the manifest's folder or ``s3://`` prefix), judged
+    on the spelling: ``..`` cannot climb out, while a symlink the owner placed inside the folder is theirs to make."""
+    if s3.is_s3(base):
+        if not s3.is_s3(path):
+            return False
+        (bucket, key), (base_bucket, prefix) = s3.split_uri(path), s3.split_uri(base)
+        parts = key.split("/")
+        return bucket == base_bucket and ".." not in parts and (not prefix.strip("/")
+                                                                or key.startswith(prefix.strip("/") + "/"))
+    if s3.is_s3(path):
+        return False
+    return Path(os.path.normpath(os.path.abspath(path))).is_relative_to(os.path.normpath(os.path.abspath(base)))
+
+
+def _refuse_outside(tiles: pd.DataFrame, manifest: str, base: str) -> None:
+    """Refuse the first manifest row whose tile lies outside the manifest's folder (or bucket/prefix)."""
+    joined = base.rstrip("/") + ("/" if s3.is_s3(base) else os.sep)  # read_manifest's join of a relative path
+    for i, p in enumerate(tiles["path"]):
+        if not _inside(p, base):
+            rid, written = tiles["id"].iloc[i] if "id" in tiles.columns else None, p.removeprefix(joined)
+            what = f"id {rid}, path {written}" if isinstance(rid, str) else f"path {written}"
+            raise GeoclipError(f"{manifest}: row {i + 1} ({what}) is outside the manifest's folder {base}; expected "
+                               f"tiles inside it (set ingest.allow_outside_paths: true to allow other places)")
+
+
+def _list_s3(source: str, allow_outside: bool = False) -> tuple[pd.DataFrame, bool]:
     """List an ``s3://`` manifest (downloaded to read it) or a folder-like prefix in a class-folder layout."""
     s3.require_bucket(source)
     if source.lower().endswith(MANIFEST_SUFFIXES):
         if not s3.exists(source):
             raise GeoclipError(f"{source}: no such object; expected a .csv/.parquet manifest at this key")
+        base = source.rsplit("/", 1)[0]
         with tempfile.TemporaryDirectory() as tmp:
             local = s3.download(source, Path(tmp) / source.rsplit("/", 1)[1])
-            return read_manifest(local, base=source.rsplit("/", 1)[0]), True
+            try:
+                tiles = read_manifest(local, base=base)
+            except GeoclipError as exc:
+                raise GeoclipError(str(exc).replace(str(local), source)) from exc  # name the object, not the copy
+        if not allow_outside:
+            _refuse_outside(tiles, source, base)
+        return tiles, True
     bucket, key = s3.split_uri(source)
     base = f"{s3.SCHEME}{bucket}/{key.strip('/')}" if key.strip("/") else f"{s3.SCHEME}{bucket}"
     uris = s3.list_uris(base)
@@ -153,11 +196,21 @@ def _check_rows(df: pd.DataFrame, where: str, col: str, ok, expected: str) -> No
                            f"expected {expected}" + (f" ({len(bad)} rows like this)" if len(bad) > 1 else ""))
 
 
-def _copy(src: str, dst: Path, client) -> None:
-    """Copy one tile from a local path or ``s3://`` URI to ``dst``."""
+def _copy(src: str, dst: Path, client, band_names: list[str]) -> None:
+    """Copy one tile from a local path or ``s3://`` URI to ``dst``, checking it is a raster with ``band_names``.
+
+    A local file is checked before it is copied (a FIFO or a device listed as a tile is never read to its end);
+    an S3 object is fetched first (into the temporary folder, never into ``paths.raw``) and checked there.
+    """
     if s3.is_s3(src):
         s3.download_small(src, dst, client)
+        _check_bands(src, dst, band_names)
         return
+    if not os.path.exists(src):
+        raise GeoclipError(f"{src}: no such file (listed by ingest.source)")
+    if not os.path.isfile(src):
+        raise GeoclipError(f"{src}: not a regular file; expected a GeoTIFF tile")
+    _check_bands(src, Path(src), band_names)
     try:
         shutil.copy2(src, dst)
     except FileNotFoundError as exc:
@@ -167,7 +220,7 @@ def _copy(src: str, dst: Path, client) -> None:
 
 
 def _fetch_all(srcs: list[str], dsts: list[Path], classes: list[str], band_names: list[str], workers: int) -> None:
-    """Copy every tile; the first tile of each class goes first and its band names are checked before the rest."""
+    """Copy and check every tile; the first tile of each class goes first, so a wrong band order fails fast."""
     for folder in {d.parent for d in dsts}:
         folder.mkdir(parents=True, exist_ok=True)
     first_of_class: dict[str, int] = {}
@@ -178,16 +231,13 @@ def _fetch_all(srcs: list[str], dsts: list[Path], classes: list[str], band_names
     client = s3.client() if any(s3.is_s3(s) for s in srcs) else None  # one client: boto3 sessions are not thread-safe
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(srcs), desc="ingest", unit="tile") as bar:
         for batch in (first, rest):
-            futures = [pool.submit(_copy, srcs[i], dsts[i], client) for i in batch]
+            futures = {pool.submit(_copy, srcs[i], dsts[i], client, band_names): n for n, i in enumerate(batch)}
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for f in pending:
                 f.cancel()  # stop queued copies at the first failure
-            for f in done:
+            for f in sorted(done, key=futures.__getitem__):  # the first failing tile in listing order
                 f.result()
             bar.update(len(done))
-            if batch is first:
-                for i in first:
-                    _check_bands(srcs[i], dsts[i], band_names)
 
 
 def _check_bands(src: str, local: Path, expected: list[str]) -> None:

@@ -21,9 +21,16 @@ from tqdm import tqdm
 from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASSES
 from geoclip.config import Params
 from geoclip.data import synth_textures as tx
-from geoclip.data.tiles import discover_tiles, read_tile
+from geoclip.data.tiles import (
+    BANDS_FILE,
+    LABELS_FILE,
+    discover_tiles,
+    read_tile,
+    record_written,
+    refuse_unwritten,
+)
 from geoclip.errors import GeoclipError
-from geoclip.ioutils import atomic_dir, atomic_path
+from geoclip.ioutils import atomic_dir, atomic_path, write_json
 
 LINEAR_CLASSES = ("Highway", "River")  # drawn across a scene's regions rather than as regions
 TRUTH_NODATA = 255
@@ -129,33 +136,43 @@ def render_scene(rng: np.random.Generator, size: int, names: list[str]) -> tuple
 
 
 def generate(params: Params) -> dict:
-    """Write synthetic tiles, ``labels.csv``, scenes and truth maps under ``paths.raw`` (atomically)."""
+    """Write synthetic tiles, ``labels.csv`` and ``bands.json`` under ``paths.raw``, and scenes with their truth maps
+    under ``paths.synthetic`` (``scenes/``, ``truth/``), each folder swapped in whole and only over ingest's own files.
+
+    Scenes are kept out of ``paths.raw`` so a later ingest of real tiles, which replaces that folder, leaves them
+    (and scoring's default ``score.scenes``) alone; scoring finds each truth map in ``truth/`` beside ``scenes/``.
+    """
     names, s = _check(params), params.synth
-    raw, start = Path(params.paths.raw), time.perf_counter()
+    raw, synthetic, start = Path(params.paths.raw), params.paths.synthetic_dir(), time.perf_counter()
     scenes = []
-    with atomic_dir(raw) as tmp:
+    # Both folders are checked (nothing of the user's inside) before any work; the scenes are swapped in first.
+    with atomic_dir(raw, check=refuse_unwritten) as tmp, atomic_dir(synthetic, check=refuse_unwritten) as tmp_scenes:
         tmp.chmod(0o755)  # a temp dir is private; the data folder it becomes should not be
         with tqdm(total=len(names) * s.tiles_per_class, desc="synth tiles", unit="tile") as bar:
             labels = _write_tiles(tmp, names, params, bar)
-        labels.to_csv(tmp / "labels.csv", index=False)
-        (tmp / "scenes").mkdir()
-        (tmp / "truth").mkdir()
+        labels.to_csv(tmp / LABELS_FILE, index=False)
+        write_json(tmp / BANDS_FILE, {"band_names": list(ALL_BAND_NAMES)})  # the order _write_tiles uses
+        (tmp_scenes / "scenes").mkdir()
+        (tmp_scenes / "truth").mkdir()
         for k in tqdm(range(1, s.n_scenes + 1), desc="synth scenes", unit="scene"):
             data, truth = render_scene(np.random.default_rng([s.seed, 1000 + k]), s.scene_size, names)
             x0, y0 = 300_000.0 + (k - 1) * (s.scene_size * PIXEL_M + 5000), 5_000_000.0
             opts = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "zlevel": 1}
-            _write(tmp / "scenes" / f"scene_{k}.tif", data,
+            _write(tmp_scenes / "scenes" / f"scene_{k}.tif", data,
                    _profile(s.scene_size, data.shape[0], "uint16", s.epsg, x0, y0, nodata=0, predictor=2,
                             interleave="pixel", **opts), ALL_BAND_NAMES)
-            _write(tmp / "truth" / f"scene_{k}_truth.tif", truth[None],
+            _write(tmp_scenes / "truth" / f"scene_{k}_truth.tif", truth[None],
                    _profile(s.scene_size, 1, "uint8", s.epsg, x0, y0, nodata=TRUTH_NODATA, **opts), ("class",))
-            scenes.append(f"scenes/scene_{k}.tif")
+            scenes.append(str(synthetic / "scenes" / f"scene_{k}.tif"))
+        record_written(tmp)
+        record_written(tmp_scenes)
     seconds = round(time.perf_counter() - start, 1)
-    print(f"synth: {len(labels)} tiles and {len(scenes)} scene(s) written to {raw} in {seconds} s",
+    print(f"synth: {len(labels)} tiles written to {raw} and {len(scenes)} scene(s) to {synthetic} in {seconds} s",
           file=sys.stderr)  # stderr, beside the progress bars: stdout stays for the CLI's JSON summary
     return {"raw": str(raw), "tiles": len(labels), "classes": names, "tiles_per_class": s.tiles_per_class,
-            "labels": "labels.csv", "scenes": scenes,
-            "truth": [f"truth/scene_{k}_truth.tif" for k in range(1, s.n_scenes + 1)], "seconds": seconds}
+            "labels": LABELS_FILE, "synthetic": str(synthetic), "scenes": scenes,
+            "truth": [str(synthetic / "truth" / f"scene_{k}_truth.tif") for k in range(1, s.n_scenes + 1)],
+            "seconds": seconds}
 
 
 # ---------------------------------------------------------------- calibration against real tiles

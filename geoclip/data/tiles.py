@@ -154,6 +154,44 @@ def write_labels(raw_dir: str | Path, overwrite: bool = False) -> Path:
 
 
 BANDS_FILE = "bands.json"
+INGEST_RECORD = "ingest.json"  # what ingest wrote into a folder it owns: it replaces only such files
+
+
+def record_written(folder: str | Path) -> None:
+    """List every file under ``folder`` (about to be swapped in by ingest) in ``folder/ingest.json``.
+
+    Deterministic (sorted relative paths, no time or host), so the same data keeps the same DVC hash.
+    """
+    from geoclip.ioutils import write_json
+
+    folder = Path(folder)
+    files = sorted(p for p in _walk(folder) if p != INGEST_RECORD)
+    write_json(folder / INGEST_RECORD, {"written_by": "geoclip ingest", "files": files + [INGEST_RECORD]})
+
+
+def refuse_unwritten(folder: str | Path) -> None:
+    """Refuse to replace ``folder`` when it holds a file ingest did not write (not in its ``ingest.json``).
+
+    Refused rather than kept: kept files would silently join the dataset (and its DVC version), and deleting them
+    would lose what a user put there (scenes, a download). One line names them and says what to do.
+    """
+    import json
+
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise GeoclipError(f"{folder}: is a file; expected a folder that ingest writes (move the file elsewhere)")
+    try:
+        owned = set(json.loads((folder / INGEST_RECORD).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        owned = set()  # no readable record: nothing in the folder is provably ingest's
+    foreign = sorted(set(_walk(folder)) - owned)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise GeoclipError(f"{folder}: holds {len(foreign)} file(s) ingest did not write ({shown}); ingest replaces "
+                           f"this folder whole: move them elsewhere (your scenes: a folder of their own, e.g. "
+                           f"data/scenes, named by score.scenes) or delete them, then run ingest again")
 
 
 def dataset_band_names(raw_dir: str | Path, default: list[str] | tuple[str, ...]) -> list[str]:

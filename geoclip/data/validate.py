@@ -40,6 +40,8 @@ RASTER_COLUMNS = ["band_count", "band_order", "dtype", "width", "height", "crs"]
 TILE_COLUMNS = ["id", "path", *RASTER_COLUMNS, "min", "max", "nonfinite_count", "nodata_fraction", "readable",
                 "error"]
 SCENE_COLUMNS = ["path", *RASTER_COLUMNS, "readable", "error"]
+#: The most pixel bytes read from one tile: a 64 x 64 x 13 uint16 tile is 104 kB; more is a scene, not a tile.
+MAX_TILE_BYTES = 64 * 2**20
 # GX 1.x keeps one "current" context per process, which ValidationDefinition.run looks up: one run at a time.
 _GX_LOCK = threading.RLock()
 
@@ -60,13 +62,34 @@ def _raster_meta(src) -> dict:
             "band_order": ",".join(names) if names and all(names) else None}
 
 
-def _tile_row(path: Path, nodata_value: int) -> dict:
-    """Open one tile once and read it once: header plus value range, NaN/inf count and nodata fraction."""
+def _pixel_bytes(src) -> int:
+    """Bytes that reading every band of ``src`` would allocate, from its header."""
+    try:
+        itemsize = np.dtype(src.dtypes[0]).itemsize
+    except TypeError:  # GDAL types numpy lacks (complex_int16): assume the widest
+        itemsize = 16
+    return src.width * src.height * src.count * itemsize
+
+
+def _tile_row(path: Path, nodata_value: int, expected_size: int | None = None) -> dict:
+    """Open one tile once: its header, then (if tile-sized) its value range, NaN/inf count and nodata fraction.
+
+    The header decides first, so memory stays bounded whatever the file: one that is not ``expected_size`` a side
+    (a whole scene dropped among the tiles, 3.1 GB of pixels for 13 x 10980 x 10980) gets its header columns only
+    and is refused by the width/height rules; one over ``MAX_TILE_BYTES`` is unreadable as a tile.
+    """
     row: dict = {"id": path.stem, "path": str(path), "readable": False, "error": None}
     try:
         with rasterio.open(path) as src:
-            data = src.read()
             row.update(_raster_meta(src))
+            if expected_size is not None and (src.width, src.height) != (expected_size, expected_size):
+                row["readable"] = True  # its header is; the value columns stay null, which their rules pass
+                return row
+            if _pixel_bytes(src) > MAX_TILE_BYTES:
+                row["error"] = (f"{_pixel_bytes(src) / 2**20:.0f} MiB of pixels, over the "
+                                f"{MAX_TILE_BYTES / 2**20:.0f} MiB a tile may hold; not read")
+                return row
+            data = src.read()
     except (RasterioError, OSError, ValueError) as exc:
         row["error"] = _read_error(exc)
         return row
@@ -96,12 +119,17 @@ def _scene_row(path: Path) -> dict:
     return row
 
 
-def build_tile_index(paths: list[Path], nodata_value: int) -> pd.DataFrame:
-    """One row per tile (see ``TILE_COLUMNS``); a file rasterio cannot read is recorded, not raised."""
+def build_tile_index(paths: list[Path], nodata_value: int, expected_size: int | None = None) -> pd.DataFrame:
+    """One row per tile (see ``TILE_COLUMNS``); a file rasterio cannot read is recorded, not raised.
+
+    Each file's header is read before its pixels, which only a tile-sized file gets read (see ``_tile_row``).
+    """
+    def row(path) -> dict:
+        return _tile_row(Path(path), nodata_value, expected_size)
+
     # GDAL releases the GIL while reading, so a few threads (one dataset each) overlap I/O and decoding.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        rows = list(tqdm(pool.map(lambda p: _tile_row(Path(p), nodata_value), paths), total=len(paths),
-                         desc="index tiles", unit="tile"))
+        rows = list(tqdm(pool.map(row, paths), total=len(paths), desc="index tiles", unit="tile"))
     return pd.DataFrame(rows, columns=TILE_COLUMNS)
 
 
@@ -299,8 +327,12 @@ def _write_reports(reports: Path, report: dict) -> None:
 
 
 
-def index_dataset(labels: pd.DataFrame, raw: Path, nodata_value: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Add ``file_exists``/``line`` to the labels; index each labelled file plus any tile on disk (see ``labelled``)."""
+def index_dataset(labels: pd.DataFrame, raw: Path, nodata_value: int,
+                  expected_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Add ``file_exists``/``line`` to the labels; index each labelled file plus any tile on disk (see ``labelled``).
+
+    Only files of ``expected_size`` have their pixels read (see :func:`build_tile_index`).
+    """
     label_paths = _label_paths(labels, raw)
     labels = labels.assign(file_exists=[p is not None and p.is_file() for p in label_paths],
                            line=range(2, len(labels) + 2))  # line in labels.csv, after the header
@@ -310,7 +342,7 @@ def index_dataset(labels: pd.DataFrame, raw: Path, nodata_value: int) -> tuple[p
     unique: dict[Path, Path] = {}
     for p in labelled + on_disk:  # each file once, however it is spelled
         unique.setdefault(p.resolve(), p)
-    tiles = build_tile_index(list(unique.values()), nodata_value)
+    tiles = build_tile_index(list(unique.values()), nodata_value, expected_size)
     labelled_set = {p.resolve() for p in labelled}
     tiles["labelled"] = [Path(p).resolve() in labelled_set for p in tiles["path"]]
     return labels, tiles
@@ -342,7 +374,7 @@ def validate(params: Params) -> dict:
                                  "n_checks": 0, "n_failed": 0, "parameters": {}, "suite_files": [],
                                  "gx_version": gx.__version__, "checks": [], "unreadable": [], "data_docs": docs})
         raise
-    labels, tiles = index_dataset(labels, raw, v.nodata_value)
+    labels, tiles = index_dataset(labels, raw, v.nodata_value, v.expected_size)
 
     band_names = dataset_band_names(raw, params.ingest.band_names)
     parameters = {"band_count": len(band_names), "band_order": [",".join(band_names)],

@@ -7,12 +7,18 @@ objects in memory only. Production uses real S3 and PostgreSQL instead (see the 
 
 ``Server``, ``running``, ``wait_ready`` and ``free_port`` are the one way to run a local server process; the test
 fixtures use them too.
+
+Secrets: the services run with moto's dummy credentials (it accepts any), never the user's, and without the
+user's AWS session token, so neither reaches the servers, their logs or moto's request log (which keeps every
+request's headers); the logs are readable by their owner only. What is printed is what the services created;
+anything that still matches a secret of the user's environment is masked (:func:`scrub`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +28,9 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
+from geoclip.data.s3 import redact
 from geoclip.errors import GeoclipError
 
 HOST = "127.0.0.1"
@@ -30,8 +38,33 @@ DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000, "prefect": 4200}
 MLFLOW_BUCKET = "geoclip-mlflow"
 S3_LOG = "s3-requests.jsonl"  # moto's recorder: every request, replayed on the next start to restore the objects
 DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+#: The user's session credentials: botocore would send the token as a header with every request to moto.
+SESSION_VARIABLES = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+#: Variable names whose values are secrets: masked wherever they would be printed.
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|PRIVATE_KEY|API_KEY|CREDENTIAL|TOKEN(?!IZER)", re.IGNORECASE)
+MASK = "****"
+LOG_MODE = 0o600  # logs keep request headers and bodies: their owner's only
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 POLL_S = 0.25  # between health checks: short enough that a restart is noticed at once, cheap for the server
+
+
+def private_log(path: Path) -> IO[bytes]:
+    """``path`` opened for appending, created or narrowed to ``LOG_MODE`` first (a log of an earlier start too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE)
+    os.fchmod(fd, LOG_MODE)
+    return os.fdopen(fd, "ab")
+
+
+def scrub(text: str) -> str:
+    """``text`` safe to print: URI passwords and the values of the environment's secret variables masked.
+
+    The services' own dummy credentials are not secrets (printing them is the point of the exports).
+    """
+    text = redact(text)
+    for key, value in os.environ.items():
+        if SECRET_NAME.search(key) and len(value) >= 4 and value not in DUMMY_AWS.values():
+            text = text.replace(value, MASK)
+    return text
 
 
 def free_port(host: str = HOST) -> int:
@@ -58,18 +91,23 @@ class Server:
     cmd: list[str]
     health: str
     env: dict[str, str] = field(default_factory=dict)  # on top of os.environ
-    log: Path | None = None  # stdout and stderr, appended; None discards them
+    log: Path | None = None  # stdout and stderr, appended, readable by the owner only; None discards them
     cwd: Path | None = None
     proc: subprocess.Popen | None = None
+    drop: tuple[str, ...] = ()  # variables of os.environ the process must not see
+
+    def environment(self) -> dict[str, str]:
+        """The process's environment: os.environ without ``drop``, then ``env``."""
+        return {k: v for k, v in os.environ.items() if k not in self.drop} | self.env
 
     def start(self) -> None:
         """Spawn the process unless it runs already; do not wait for it to answer."""
         if self.proc is not None and self.proc.poll() is None:
             return
         # The child keeps its own copy of the log file, so ours is closed at once.
-        with open(self.log, "ab") if self.log is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
+        with private_log(self.log) if self.log is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
             # Own session: a terminal's Ctrl-C reaches only the launcher, and stop() reaches the server's children.
-            self.proc = subprocess.Popen(self.cmd, env=os.environ | self.env, stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(self.cmd, env=self.environment(), stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.cwd)
 
     def check(self) -> None:
@@ -128,8 +166,8 @@ def running(*servers: Server, timeout: float) -> Iterator[tuple[Server, ...]]:
 
 
 def aws_env() -> dict[str, str]:
-    """AWS credentials and region from the environment, with dummy values where unset (moto accepts any)."""
-    return {k: os.environ.get(k) or v for k, v in DUMMY_AWS.items()}
+    """The services' AWS settings: moto's dummy credentials, never the user's (moto accepts any), and the region."""
+    return {**DUMMY_AWS, "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION") or DUMMY_AWS["AWS_DEFAULT_REGION"]}
 
 
 def exports(ports: dict[str, int], host: str = HOST) -> dict[str, str]:
@@ -139,17 +177,28 @@ def exports(ports: dict[str, int], host: str = HOST) -> dict[str, str]:
             "PREFECT_API_URL": f"http://{host}:{ports['prefect']}/api"}
 
 
+def export_lines(ports: dict[str, int], host: str = HOST) -> list[str]:
+    """The shell lines to print: ``export`` for what the services created, ``unset`` for the user's session token.
+
+    A pasted session token would go, as a header, with every request to moto, whose request log keeps it.
+    """
+    lines = [scrub(f"export {key}={value}") for key, value in exports(ports, host).items()]
+    session = [k for k in SESSION_VARIABLES if k in os.environ]
+    return lines + ([f"unset {' '.join(session)}"] if session else [])
+
+
 def service_specs(state: Path, ports: dict[str, int], host: str = HOST) -> list[Server]:
     """The three services (S3 first), with their state and logs under ``state``."""
     s3 = f"http://{host}:{ports['s3']}"
     py = sys.executable
 
     def server(name: str, cmd: list[str], env: dict[str, str], health: str) -> Server:
-        return Server(name, cmd, health, env, log=state / f"{name}.log", cwd=state)
+        # No service sees the user's AWS session token; the two S3 parties get moto's dummy credentials (below).
+        return Server(name, cmd, health, env, log=state / f"{name}.log", cwd=state, drop=SESSION_VARIABLES)
 
     return [
         server("s3", [py, "-m", "moto.server", "-H", host, "-p", str(ports["s3"])],
-               {"MOTO_ENABLE_RECORDING": "1", "MOTO_RECORDER_FILEPATH": str(state / S3_LOG)},
+               {"MOTO_ENABLE_RECORDING": "1", "MOTO_RECORDER_FILEPATH": str(state / S3_LOG), **aws_env()},
                f"{s3}/moto-api/data.json"),
         # Proxied artifacts: only this server talks to S3, clients need no S3 settings to log models.
         server("mlflow", [py, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{state}/mlflow.db",
@@ -194,7 +243,8 @@ def run_services(state: str | Path = ".services", ports: dict[str, int] | None =
     A service that fails to start or exits raises GeoclipError (after all of them are stopped).
     """
     state = Path(state).resolve()
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_log(state / S3_LOG).close()  # moto appends to it: created (or narrowed) private first
     ports = DEFAULT_PORTS | (ports or {})
 
     def terminate(signum, frame):  # SIGTERM ends the launcher like Ctrl-C, so the services are stopped too
@@ -202,14 +252,14 @@ def run_services(state: str | Path = ".services", ports: dict[str, int] | None =
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        print(f"starting moto S3, MLflow and Prefect on {HOST} (state and logs in {state}) ...", flush=True)
+        print(scrub(f"starting moto S3, MLflow and Prefect on {HOST} (state and logs in {state}) ..."), flush=True)
         s3, *others = service_specs(state, ports)
         with running(s3, timeout=timeout):
             _restore_s3(f"http://{HOST}:{ports['s3']}", state)  # MLflow's artifact bucket must exist before use
             with running(*others, timeout=timeout):
                 print("services ready; in another shell run:")
-                for key, value in exports(ports).items():
-                    print(f"export {key}={value}")
+                for line in export_lines(ports):
+                    print(line)
                 print("Ctrl-C stops them all.", flush=True)
                 _watch([s3, *others])
     except KeyboardInterrupt:  # during start-up: running() has already stopped what had started

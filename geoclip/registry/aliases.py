@@ -1,7 +1,7 @@
 """The MLflow model registry's aliases: the promotion gate, manual promote, rollback and a listing.
 
-Every move of the ``champion`` alias (by ``register``, ``promote`` or ``rollback``) goes through
-``set_champion``, which keeps the registered-model tag ``champion_history``: a JSON list of the versions
+Every move of the ``champion`` alias (by ``register``, ``promote`` or ``rollback``) happens under the model's alias
+lock (geoclip.registry.lock) and goes through ``set_champion``, which keeps the registered-model tag ``champion_history``: a JSON list of the versions
 that held the alias, oldest first, the current champion last. ``rollback`` pops the current champion and
 gives the alias back to the entry before it, so promote-then-rollback and register-then-rollback both undo.
 """
@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from geoclip.config import Params, RegisterConfig
 from geoclip.errors import GeoclipError
+from geoclip.registry.lock import alias_lock
 
 HISTORY_TAG = "champion_history"
 HISTORY_LIMIT = 100  # older entries are dropped: a rollback goes back at most this far
@@ -121,7 +122,16 @@ def set_champion(client: MlflowClient, cfg: RegisterConfig, version: str, how: s
 
 
 def gate_version(client: MlflowClient, cfg: RegisterConfig, version: str, value: float, holdout: str = "") -> dict:
-    """Apply the gate to a registered ``version`` with metric ``value``: set champion or challenger; say why."""
+    """Apply the gate to a registered ``version`` with metric ``value``: set champion or challenger; say why.
+
+    Under the model's alias lock: two registrations at the same moment never both compare with the same champion.
+    """
+    with alias_lock(client, cfg.model_name):
+        return _gate_locked(client, cfg, version, value, holdout)
+
+
+def _gate_locked(client: MlflowClient, cfg: RegisterConfig, version: str, value: float, holdout: str) -> dict:
+    """The body of :func:`gate_version`, run while holding the alias lock."""
     champion = alias_version(client, cfg.model_name, cfg.champion_alias)
     wins, reason = decide(cfg.metric, value, cfg.margin, champion, holdout)
     previous = {"previous_champion_version": None if champion is None else str(champion.version),
@@ -167,16 +177,23 @@ def promote(params: Params, version: str, force: bool = False) -> dict:
     if holdout and not force:
         raise GeoclipError(f"model {cfg.model_name!r}: version {new} was trained without class {holdout!r} "
                            "(unseen-class experiment); pass --force to make it champion anyway")
-    current = alias_version(client, cfg.model_name, cfg.champion_alias)
-    if current is not None and str(current.version) == new:
-        return {"name": cfg.model_name, "action": "promote", "old": new, "new": new, "changed": False}
-    old = set_champion(client, cfg, new, "promoted by `geoclip registry promote`")
+    with alias_lock(client, cfg.model_name):
+        current = alias_version(client, cfg.model_name, cfg.champion_alias)
+        if current is not None and str(current.version) == new:
+            return {"name": cfg.model_name, "action": "promote", "old": new, "new": new, "changed": False}
+        old = set_champion(client, cfg, new, "promoted by `geoclip registry promote`")
     return {"name": cfg.model_name, "action": "promote", "old": old, "new": new, "changed": True}
 
 
 def rollback(params: Params) -> dict:
     """Give ``champion`` back to the version that held it before the current one (skipping deleted versions)."""
     cfg, client = params.register, client_for(params)
+    with alias_lock(client, cfg.model_name):
+        return _rollback_locked(client, cfg)
+
+
+def _rollback_locked(client: MlflowClient, cfg: RegisterConfig) -> dict:
+    """The body of :func:`rollback`, run while holding the alias lock."""
     name = cfg.model_name
     current = alias_version(client, name, cfg.champion_alias)
     current_version = None if current is None else str(current.version)

@@ -25,6 +25,7 @@ from geoclip.data.tiles import read_tile
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
 from geoclip.registry.aliases import HOLDOUT_TAG, gate_version
+from geoclip.registry.integrity import DIGEST_TAG, logged_model_digest
 from geoclip.registry.tracking import flat_params, git_revision, read_run_info
 
 REGISTERED_FILE = "registered.json"
@@ -136,11 +137,67 @@ def describe(params: Params, tags: dict[str, str], metrics: dict[str, float], co
     return "\n\n".join(lines)  # blank lines: the registry UI renders the description as markdown
 
 
-def register(params: Params) -> dict:
-    """Log, register, tag and describe the model of the training run; the gate picks ``champion`` or ``challenger``."""
+def version_of_run(client: MlflowClient, name: str, run_id: str):
+    """The version of ``name`` already registered from training run ``run_id``, or None."""
+    try:
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def earlier_result(params: Params, version) -> dict:
+    """What ``register`` returned when it registered ``version`` (``registered.json``), else rebuilt from the
+    version's tags and aliases (the earlier attempt stopped before writing it)."""
+    path = Path(params.paths.model) / REGISTERED_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if str(saved.get("version")) == str(version.version) and saved.get("run_id") == version.tags.get("run_id"):
+            return saved
+    cfg = params.register
+    alias, _, reason = version.tags["gate"].partition(": ")
+    metric = version.tags.get(cfg.metric)
+    result = {"name": cfg.model_name, "version": str(version.version), "alias": alias, "reason": reason,
+              "metric": cfg.metric, "value": None if metric is None else float(metric), "margin": cfg.margin,
+              "champion_version": None, "previous_champion_version": None, "previous_champion_value": None,
+              "holdout_class": version.tags.get(HOLDOUT_TAG) or None, "params_hash": version.tags.get("params_hash"),
+              "data_version": version.tags.get("data_version"), "run_id": version.tags.get("run_id"),
+              "model_uri": f"models:/{cfg.model_name}/{version.version}"}
+    write_json(path, result)
+    return result
+
+
+def _log_and_register(params: Params, client: MlflowClient, run_id: str, value: float, metrics: dict[str, float],
+                      holdout: str) -> tuple[str, dict[str, str]]:
+    """Log the pyfunc into the training run and register it with its tags; return the version and the tags."""
     import mlflow
 
     from geoclip.registry.pyfunc import log_pyfunc
+
+    cfg = params.register
+    example = input_example(params)
+    with mlflow.start_run(run_id=run_id):
+        model_info = log_pyfunc(params.paths.model, example, name="model", tta=params.evaluate.tta)
+    tags = {cfg.metric: repr(value), "metric": cfg.metric, "git_revision": git_revision(), "run_id": run_id,
+            "params_hash": params_hash(params), **{f"metric.{k}": repr(v) for k, v in metrics.items()},
+            DIGEST_TAG: logged_model_digest(model_info.model_uri)}  # checked before every load for scoring
+    if holdout:
+        tags[HOLDOUT_TAG] = holdout
+    if (Path(params.paths.prepared) / "index.csv").exists():
+        tags["data_version"] = data_version(params.paths.prepared)
+    # Tags go in with the version: the gate never sees a version without its metric.
+    return str(mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags).version), tags
+
+
+def register(params: Params) -> dict:
+    """Log, register, tag and describe the model of the training run; the gate picks ``champion`` or ``challenger``.
+
+    Idempotent for a training run: run again (a retried Prefect task), it finds the version it registered and
+    returns the same answer, or finishes that version's gate if the earlier attempt stopped before it.
+    """
+    import mlflow
 
     cfg = params.register
     value = read_metric(params)  # before touching MLflow: nothing is logged for a run without metrics
@@ -154,18 +211,14 @@ def register(params: Params) -> dict:
                            f"{mlflow.get_tracking_uri()} ({str(exc).splitlines()[0]})") from None
     check_run_params(params, run.data.params, info["run_id"])
     holdout = holdout_of(params, run.data.params, run.data.tags)
-    example = input_example(params)
-    with mlflow.start_run(run_id=info["run_id"]):
-        model_info = log_pyfunc(params.paths.model, example, name="model", tta=params.evaluate.tta)
-    tags = {cfg.metric: repr(value), "metric": cfg.metric, "git_revision": git_revision(), "run_id": info["run_id"],
-            "params_hash": params_hash(params), **{f"metric.{k}": repr(v) for k, v in metrics.items()}}
-    if holdout:
-        tags[HOLDOUT_TAG] = holdout
     counts = split_counts(params.paths.prepared)
-    if (Path(params.paths.prepared) / "index.csv").exists():
-        tags["data_version"] = data_version(params.paths.prepared)
-    # Tags go in with the version: the gate never sees a version without its metric.
-    version = str(mlflow.register_model(model_info.model_uri, cfg.model_name, tags=tags).version)
+    earlier = version_of_run(client, cfg.model_name, info["run_id"])  # a retried task: no second version
+    if earlier is not None and "gate" in earlier.tags:
+        return earlier_result(params, earlier)
+    if earlier is not None:  # registered, then interrupted before the gate: finish that version
+        version, tags = str(earlier.version), dict(earlier.tags)
+    else:
+        version, tags = _log_and_register(params, client, info["run_id"], value, metrics, holdout)
     gate = gate_version(client, cfg, version, value, holdout)
     client.update_model_version(cfg.model_name, version, description=describe(params, tags, metrics, counts, gate))
     result = {"name": cfg.model_name, "version": version, "alias": gate["alias"], "reason": gate["reason"],

@@ -12,6 +12,7 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import ContextManager
 
 from geoclip.config import Params
 from geoclip.data import s3
@@ -32,8 +33,10 @@ def _rebase(obj, old: str, new: str):
     return obj
 
 
-def _score_staged(params: Params, model, scene_uri: str, out: Path, model_uri: str, checked: bool) -> dict:
-    """Score into a hidden staging folder inside ``out``, then rename the outputs into place, the summary last."""
+def _score_staged(params: Params, model, scene_uri: str, out: Path, model_uri: str, checked: bool,
+                  publishing: Callable[[], ContextManager]) -> dict:
+    """Score into a hidden staging folder inside ``out``, then rename the outputs into place, the summary last,
+    all inside one fenced publish step (``publishing``: nothing is renamed once the claim was taken over)."""
     import shutil
 
     stem = Path(scene_uri).stem
@@ -46,10 +49,11 @@ def _score_staged(params: Params, model, scene_uri: str, out: Path, model_uri: s
     try:
         summary = score_one(params, model, scene_uri, str(staging), model_uri=model_uri, checked=checked)
         summary = _rebase(summary, str(staging), str(out))
-        for f in staging.iterdir():
-            if f.is_file() and not f.name.startswith(".") and str(out / f.name) != summary["summary"]:
-                os.replace(f, out / f.name)
-        write_json(summary["summary"], summary)  # last: it names the others
+        with publishing():
+            for f in staging.iterdir():
+                if f.is_file() and not f.name.startswith(".") and str(out / f.name) != summary["summary"]:
+                    os.replace(f, out / f.name)
+            write_json(summary["summary"], summary)  # last: it names the others
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
@@ -141,15 +145,18 @@ def score_scene_once(params: Params, load_model: Callable[[], object], scene_uri
     ``load_model`` is called only when the scene needs scoring. Returns the scene's summary with ``status``:
     ``scored``, ``skipped`` or, with ``wait=False``, ``busy`` while another run holds it (see geoclip.scoring.ledger).
     """
-    from geoclip.scoring.ledger import Ledger
+    from geoclip.scoring.ledger import ClaimLostError, Ledger
 
-    def work() -> dict:
+    def work(publishing: Callable[[], ContextManager]) -> dict:
         model = load_model_keeping_sys_path(load_model)
         _forget_gdal_s3_cache(scene_uri, truth_uri(scene_uri))  # a retry must not see an earlier failed read
         try:
             if s3.is_s3(out_uri):  # score_one scores into a temp folder and uploads at the end, the summary last
-                return score_one(params, model, scene_uri, out_uri, model_uri=model_uri, checked=checked)
-            return _score_staged(params, model, scene_uri, Path(out_uri), model_uri, checked)
+                return score_one(params, model, scene_uri, out_uri, model_uri=model_uri, checked=checked,
+                                 publishing=publishing)
+            return _score_staged(params, model, scene_uri, Path(out_uri), model_uri, checked, publishing)
+        except ClaimLostError:
+            raise
         except Exception as exc:
             _raise_if_s3_down(exc, scene_uri, out_uri)
             raise

@@ -6,22 +6,40 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import rasterio
+from rasterio.errors import RasterioIOError
 from tqdm import tqdm
 
 from geoclip.bands import ALL_BAND_NAMES
-from geoclip.data.tiles import discover_tiles, read_tile
+from geoclip.data.tiles import discover_tiles
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_path
 
 
+def _read_checked(path: str, bands: list[int], shape: tuple[int, ...]) -> np.ndarray:
+    """Read one tile's ``bands`` after its header says it has them at the model's ``shape``: memory stays bounded.
+
+    A whole scene dropped among the tiles (13 x 10980 x 10980 is 3.1 GB of pixels) is refused from its header.
+    """
+    try:
+        with rasterio.open(path) as src:
+            if src.count < len(bands):
+                raise GeoclipError(f"{path}: has {src.count} bands, expected at least {len(bands)}")
+            found = (len(bands), src.height, src.width)
+            if found != shape:
+                larger = src.height * src.width > shape[1] * shape[2]
+                hint = " (a whole scene? score it with `geoclip score`)" if larger else ""
+                raise GeoclipError(f"{path}: tile shape {found}, the model expects {shape}{hint}")
+            return src.read([b + 1 for b in bands])
+    except RasterioIOError as exc:
+        raise GeoclipError(f"{path}: cannot be read as a raster ({str(exc).splitlines()[0]})") from exc
+
+
 def _read_batch(paths: list[str], bands: list[int], shape: tuple[int, ...]) -> np.ndarray:
-    """Read tiles into one ``(N, bands, H, W)`` uint16 array, checking each tile's shape."""
+    """Read tiles into one ``(N, bands, H, W)`` uint16 array, checking each tile's header before its pixels."""
     out = np.empty((len(paths), *shape), np.uint16)
     for i, path in enumerate(paths):
-        tile = read_tile(path, bands)
-        if tile.shape != shape:
-            raise GeoclipError(f"{path}: tile shape {tile.shape}, the model expects {shape}")
-        out[i] = tile
+        out[i] = _read_checked(path, bands, shape)
     return out
 
 

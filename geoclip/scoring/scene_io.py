@@ -57,16 +57,29 @@ def gdal_s3_options() -> dict[str, str]:
             "AWS_VIRTUAL_HOSTING": "FALSE"}
 
 
+#: How GDAL's /vsis3/ (curl) gives up on a stalled or dead endpoint instead of hanging: a connect timeout, a
+#: request timeout, a low-speed cut-off (under 1 byte/s for a minute) and a few retries with a delay. Each can be
+#: set in the environment instead (GDAL reads the same names), which wins over these defaults.
+HTTP_STALL_OPTIONS = {"GDAL_HTTP_CONNECTTIMEOUT": "30", "GDAL_HTTP_TIMEOUT": "600", "GDAL_HTTP_LOW_SPEED_TIME": "60",
+                      "GDAL_HTTP_LOW_SPEED_LIMIT": "1", "GDAL_HTTP_MAX_RETRY": "3", "GDAL_HTTP_RETRY_DELAY": "5"}
+
+
+def http_stall_options() -> dict[str, str]:
+    """:data:`HTTP_STALL_OPTIONS` without those the environment already sets."""
+    return {k: v for k, v in HTTP_STALL_OPTIONS.items() if k not in os.environ}
+
+
 @contextlib.contextmanager
 def scene_env(*uris: str | Path | None) -> Iterator[None]:
     """A rasterio environment for scoring: a small GDAL block cache and, when any of ``uris`` is on S3, /vsis3/
-    access with boto3's credentials (environment, profile or instance role) and the endpoint from the environment."""
+    access with boto3's credentials (environment, profile or instance role), the endpoint from the environment and
+    timeouts that end a stalled read (:data:`HTTP_STALL_OPTIONS`)."""
     options: dict = {"GDAL_CACHEMAX": GDAL_CACHE_MB}
     if any(u is not None and s3.is_s3(u) for u in uris):
         import boto3
         from rasterio.session import AWSSession
 
-        extra = gdal_s3_options()
+        extra = gdal_s3_options() | http_stall_options()
         session = AWSSession(boto3.Session(), endpoint_url=extra.pop("AWS_S3_ENDPOINT", None))
         # EMPTY_DIR: no bucket listing to look for sidecar files on every open.
         with rasterio.Env(session=session, GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", **options, **extra):

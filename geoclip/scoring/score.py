@@ -6,11 +6,14 @@ are written as soon as no later window can change them, so memory follows the st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import ContextManager
 
 import numpy as np
 import rasterio
@@ -174,12 +177,12 @@ def check_scenes(params: Params, scenes: list[str | Path], n_bands: int, names: 
 
 
 def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: str | None = None,
-              checked: bool = False) -> dict:
+              checked: bool = False, publishing: Callable[[], ContextManager] = contextlib.nullcontext) -> dict:
     """Score one local or S3 scene with a loaded pyfunc; write outputs to a local folder or S3 prefix.
 
     An S3 scene and its truth map are read in place through GDAL's /vsis3/, never downloaded. The scene first
     passes the scenes suite, unless ``checked`` says it already did. S3 outputs are written to a temporary
-    folder, then uploaded, the summary last.
+    folder, then uploaded, the summary last, each upload inside ``publishing()`` (the exactly-once fence).
     """
     from geoclip.registry.pyfunc import model_metadata
 
@@ -205,7 +208,8 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
         summary |= {k: s3.join(out_uri, p.name) for k, p in local.items()}
         write_json(local["summary"], summary)
         for key in keys:  # the summary last: it names the others
-            s3.upload(local[key], summary[key])
+            with publishing():  # each upload fenced: nothing goes up once the scene's claim was taken over
+                s3.upload(local[key], summary[key])
     return summary
 
 

@@ -13,9 +13,12 @@ from factories import make_tile
 
 from geoclip.bands import ALL_BAND_NAMES
 from geoclip.cli import main
-from geoclip.config import params_from_dict
+from geoclip.config import load_params, params_from_dict
 from geoclip.data.ingest import ingest
 from geoclip.errors import GeoclipError
+from geoclip.scoring.score import _find_truth
+
+REPO = Path(__file__).resolve().parents[2]
 
 CLASSES = ["Forest", "River", "SeaLake"]
 NESTED = "EuroSATallBands/ds/images/remote_sensing/otherDatasets/sentinel_2/tif"
@@ -169,17 +172,84 @@ def test_band_names_in_the_wrong_order(tmp_path):
 
 def test_failure_leaves_existing_raw_untouched(tmp_path):
     raw = tmp_path / "data" / "raw"
-    (raw / "tiles").mkdir(parents=True)
-    (raw / "labels.csv").write_text("id,path,class\n")
     src = _manifest_tiles(tmp_path)
+    pd.DataFrame({"path": ["t/tile_0.tif"], "class": ["Forest"]}).to_csv(src / "one.csv", index=False)
+    ingest(params_for(tmp_path, src / "one.csv"))  # a raw folder of ingest's own, which a failure must keep
+    before = {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*") if p.is_file()}
     pd.DataFrame({"path": ["t/tile_0.tif", "t/missing.tif"], "class": ["Forest", "River"]}).to_csv(
         src / "m.csv", index=False)
     with pytest.raises(GeoclipError, match=r"missing.tif: no such file"):
         ingest(params_for(tmp_path, src / "m.csv"))
-    assert sorted(p.name for p in raw.iterdir()) == ["labels.csv", "tiles"]
-    assert [p.name for p in raw.parent.iterdir()] == ["raw"]  # no temp folder left behind
+    assert {p.relative_to(raw): p.read_bytes() for p in raw.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in raw.parent.iterdir()) == ["raw", "synthetic"]  # no temp folder left behind
     with pytest.raises(GeoclipError, match="is inside paths.raw"):
         ingest(params_for(tmp_path, raw / "tiles"))  # ingest would delete its own source
+
+
+def test_ingest_refuses_to_delete_files_it_did_not_write(tmp_path):
+    """A user's scenes in data/raw (the old default score.scenes) survive a real-source ingest."""
+    raw = tmp_path / "data" / "raw"
+    mine = tile(raw / "scenes" / "mine.tif")
+    tile(tmp_path / "src" / "Forest" / "a.tif")
+    params = params_for(tmp_path, tmp_path / "src")
+    with pytest.raises(GeoclipError) as err:
+        ingest(params)
+    msg = str(err.value)
+    assert msg.startswith(f"{raw}: holds 1 file(s) ingest did not write (scenes/mine.tif); ") and "\n" not in msg
+    assert mine.is_file() and sorted(p.name for p in raw.parent.iterdir()) == ["raw"]
+    shutil.move(raw / "scenes", tmp_path / "data" / "scenes")  # what the message asks for
+    ingest(params)
+    tile(tmp_path / "src" / "River" / "b.tif")
+    assert ingest(params)["n_tiles"] == 2  # its own earlier output is replaced without complaint
+    assert (tmp_path / "data" / "scenes" / "mine.tif").is_file()
+
+
+def test_synthetic_scenes_live_outside_raw_where_scoring_finds_them(tmp_path):
+    synth = {"synth": {"tiles_per_class": 2, "tile_size": 16, "scene_size": 64}}
+    params = params_for(tmp_path, "synthetic", classes=["Forest", "River"], **synth)
+    summary = ingest(params)
+    synthetic = tmp_path / "data" / "synthetic"  # beside paths.raw unless paths.synthetic says otherwise
+    scene = synthetic / "scenes" / "scene_1.tif"
+    assert summary["scenes"] == [str(scene)] and not (tmp_path / "data" / "raw" / "scenes").exists()
+    assert _find_truth(scene, None) == str(synthetic / "truth" / "scene_1_truth.tif")
+    repo = load_params(REPO / "params.yaml")
+    assert (repo.paths.synthetic, repo.score.scenes) == ("data/synthetic", "data/synthetic/scenes")
+    assert params_from_dict({}).score.scenes == "data/synthetic/scenes"
+    tile(tmp_path / "src" / "Forest" / "a.tif")
+    ingest(params_for(tmp_path, tmp_path / "src"))  # a real source leaves the synthetic scenes alone
+    assert scene.is_file()
+    mine = tile(synthetic / "scenes" / "mine.tif")
+    with pytest.raises(GeoclipError, match=r"synthetic: holds 1 file\(s\) ingest did not write \(scenes/mine.tif\)"):
+        ingest(params)
+    assert mine.is_file() and scene.is_file()
+
+
+@pytest.mark.parametrize("row", ["../outside.tif", "ABSOLUTE"])
+def test_manifest_rows_outside_its_folder_are_refused(tmp_path, row):
+    outside = tile(tmp_path / "outside.tif")
+    src = _manifest_tiles(tmp_path)
+    path = str(outside) if row == "ABSOLUTE" else row
+    pd.DataFrame({"id": ["f1", "r1"], "path": ["t/tile_0.tif", path], "class": ["Forest", "River"]}).to_csv(
+        src / "m.csv", index=False)
+    with pytest.raises(GeoclipError) as err:
+        ingest(params_for(tmp_path, src / "m.csv"))
+    msg = str(err.value)
+    assert msg.startswith(f"{src / 'm.csv'}: row 2 (id r1, path {path}) is outside the manifest's folder {src}")
+    assert "ingest.allow_outside_paths" in msg and "\n" not in msg
+    assert not (tmp_path / "data" / "raw").exists()
+    allowed = params_from_dict({"classes": {"names": CLASSES}, "paths": {"raw": str(tmp_path / "data" / "raw")},
+                                "ingest": {"source": str(src / "m.csv"), "allow_outside_paths": True}})
+    assert ingest(allowed)["n_tiles"] == 2
+
+
+def test_every_tile_is_checked_to_be_a_raster(tmp_path):
+    tile(tmp_path / "src" / "Forest" / "Forest_1.tif")
+    bad = tmp_path / "src" / "Forest" / "Forest_2.tif"  # not the first of its class
+    bad.write_text("not a tiff")
+    with pytest.raises(GeoclipError) as err:
+        ingest(params_for(tmp_path, tmp_path / "src"))
+    assert str(err.value).startswith(f"{bad}: cannot be read as a raster")
+    assert not (tmp_path / "data" / "raw").exists()
 
 
 def test_synthetic_source_records_band_names(tmp_path):
@@ -236,6 +306,21 @@ def test_s3_prefix_and_manifest(tmp_path, bucket):
 def test_s3_sources_that_do_not_exist(tmp_path, bucket, suffix, message):
     with pytest.raises(GeoclipError, match=message):
         ingest(params_for(tmp_path, bucket + suffix))
+
+
+def test_s3_manifest_rows_outside_its_prefix_are_refused(tmp_path, bucket):
+    import boto3
+
+    rows = ["../eurosat/Forest/Forest_1.tif", f"{bucket}/eurosat/River/River_1.tif", "s3://other-bucket/x.tif",
+            str(tile(tmp_path / "local.tif"))]
+    for i, row in enumerate(rows):
+        key = f"m/escape_{i}.csv"
+        boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=f"path,class\ntiles/forest.tif,Forest\n"
+                                                                     f"{row},River\n".encode())
+        with pytest.raises(GeoclipError) as err:
+            ingest(params_for(tmp_path, f"{bucket}/{key}"))
+        assert str(err.value).startswith(f"{bucket}/{key}: row 2 (path ") and "outside the manifest's folder " \
+            f"{bucket}/m" in str(err.value) and "ingest.allow_outside_paths" in str(err.value)
 
 
 def test_s3_bucket_that_does_not_exist(tmp_path, s3_server):

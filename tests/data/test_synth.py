@@ -19,11 +19,17 @@ from geoclip.errors import GeoclipError
 
 
 def make_params(raw: Path, classes: list[str] | None = None, **synth):
-    """Small synth params writing under ``raw``."""
-    data = {"paths": {"raw": str(raw)}, "synth": {"tiles_per_class": 4, "scene_size": 256, **synth}}
+    """Small synth params writing tiles under ``raw`` and scenes under ``<raw>_synthetic`` beside it."""
+    data = {"paths": {"raw": str(raw), "synthetic": str(scenes_of(raw))},
+            "synth": {"tiles_per_class": 4, "scene_size": 256, **synth}}
     if classes:
         data["classes"] = {"names": classes}
     return params_from_dict(data)
+
+
+def scenes_of(raw: Path) -> Path:
+    """The synthetic scenes folder that goes with ``raw`` in these tests."""
+    return raw.with_name(f"{raw.name}_synthetic")
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -88,9 +94,11 @@ def test_band_spectra_are_physical(small):
 
 def test_scene_and_truth(small):
     params, summary = small
-    raw = Path(params.paths.raw)
-    assert summary["scenes"] == ["scenes/scene_1.tif"] and summary["truth"] == ["truth/scene_1_truth.tif"]
-    with rasterio.open(raw / "scenes/scene_1.tif") as src, rasterio.open(raw / "truth/scene_1_truth.tif") as tru:
+    home = Path(params.paths.synthetic)
+    assert summary["scenes"] == [str(home / "scenes/scene_1.tif")]
+    assert summary["truth"] == [str(home / "truth/scene_1_truth.tif")]
+    assert not (Path(params.paths.raw) / "scenes").exists()  # scenes are never inside what ingest replaces
+    with rasterio.open(home / "scenes/scene_1.tif") as src, rasterio.open(home / "truth/scene_1_truth.tif") as tru:
         assert (src.count, src.width, src.dtypes[0], src.nodata) == (13, 320, "uint16", 0)
         assert src.profile["tiled"] and src.block_shapes[0] == (256, 256)
         assert src.descriptions == ALL_BAND_NAMES
@@ -118,8 +126,9 @@ def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
     generate(make_params(tmp_path / "a", **kw))
     generate(make_params(tmp_path / "b", **kw))
     generate(make_params(tmp_path / "c", seed=1, **kw))
-    a, b, c = digest(tmp_path / "a"), digest(tmp_path / "b"), digest(tmp_path / "c")
-    assert a == b and len(a) == 20 + 3
+    a, b, c = ({**digest(tmp_path / k), **{f"synthetic/{f}": h for f, h in digest(scenes_of(tmp_path / k)).items()}}
+               for k in "abc")
+    assert a == b and len(a) == 20 + 3 + 2 + 1  # tiles, labels/bands/ingest.json; scene, truth, ingest.json
     assert a.keys() == c.keys() and all(a[k] != c[k] for k in a if k.endswith(".tif"))
 
 
@@ -131,17 +140,21 @@ def test_class_subset_keeps_tiles_and_indexes_truth(small, tmp_path):
     # tiles are seeded by EuroSAT class: the same Forest tile whatever the class list
     assert (raw / "tiles/Forest/Forest_2.tif").read_bytes() == \
         (Path(params.paths.raw) / "tiles/Forest/Forest_2.tif").read_bytes()
-    with rasterio.open(raw / "truth/scene_1_truth.tif") as tru:
+    with rasterio.open(scenes_of(raw) / "truth/scene_1_truth.tif") as tru:
         assert set(np.unique(tru.read(1))) == {0, 1, 255}
 
 
-def test_regenerating_replaces_the_folder(tmp_path):
+def test_regenerating_replaces_its_own_folders_and_refuses_others_files(tmp_path):
     raw = tmp_path / "raw"
-    (raw / "tiles/Glacier").mkdir(parents=True)
-    (raw / "stale.txt").write_text("old")
+    generate(make_params(raw, classes=["SeaLake", "Forest"], tiles_per_class=2, scene_size=64))
     generate(make_params(raw, tiles_per_class=1, n_scenes=0))
-    assert not (raw / "stale.txt").exists() and not (raw / "tiles/Glacier").exists()
-    assert len(pd.read_csv(raw / "labels.csv")) == 10 and not list(raw.glob("scenes/*"))
+    assert len(pd.read_csv(raw / "labels.csv")) == 10 and (raw / "tiles/Forest/Forest_1.tif").exists()
+    assert not (raw / "tiles/Forest/Forest_2.tif").exists() and not list(scenes_of(raw).glob("scenes/*"))
+    (raw / "tiles/Glacier").mkdir()
+    (raw / "tiles/Glacier/mine.txt").write_text("a user's")
+    with pytest.raises(GeoclipError, match=r"raw: holds 1 file\(s\) ingest did not write \(tiles/Glacier/mine.txt\)"):
+        generate(make_params(raw, tiles_per_class=1, n_scenes=0))
+    assert (raw / "tiles/Glacier/mine.txt").read_text() == "a user's"
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+from big_files import SCENE_SIZE, write_full_scene
 from factories import make_tile, write_scene
 from marshmallow import ValidationError
 
@@ -106,6 +108,41 @@ def test_bad_tile_fails_naming_file_and_rule(dataset, case):
     assert (Path(data["paths"]["reports"]) / "validation.html").read_text().count("FAIL") >= len(rules)
     if rules == ["tiles.readable"]:
         assert report["unreadable"][0]["path"] == str(bad) and report["unreadable"][0]["error"]
+
+
+def test_full_scene_among_tiles_is_refused_for_its_size_without_reading_its_pixels(dataset):
+    data, raw = dataset
+    params = params_from_dict(data)
+    validate(params)  # warm: GX imported and its caches filled before memory is traced
+    scene = write_full_scene(raw / "tiles/Forest/Forest_2.tif")  # 13 x 10980 x 10980: 3.1 GB of pixels, 4 kB file
+    tracemalloc.start()
+    try:
+        with pytest.raises(GeoclipError) as err:
+            validate(params)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 2**20, f"peak {peak / 2**20:.0f} MiB traced: the scene's pixels were read"
+    msg = str(err.value)
+    assert msg.startswith("validation failed: 2 of ") and "\n" not in msg
+    assert f"tiles.width (expected width 64 px) failed for {scene} (got {SCENE_SIZE})" in msg
+    assert f"tiles.height (expected height 64 px) failed for {scene} (got {SCENE_SIZE})" in msg
+    row = next(r for r in json.loads((Path(params.paths.reports) / "validation.json").read_text())["checks"]
+               if r["check"] == "tiles.width")
+    assert [o["path"] for o in row["offending"]] == [str(scene)]
+
+
+def test_build_tile_index_reads_pixels_only_of_tile_sized_files(tmp_path):
+    tile = make_tile(tmp_path / "tile.tif", np.full((13, 64, 64), 7, np.uint16))
+    scene = write_full_scene(tmp_path / "scene.tif")
+    df = build_tile_index([tile, scene], nodata_value=0, expected_size=64).set_index("id")
+    assert (df.loc["tile", "min"], df.loc["tile", "max"]) == (7, 7)
+    assert (df.loc["scene", "width"], df.loc["scene", "height"], df.loc["scene", "band_count"]) == (
+        SCENE_SIZE, SCENE_SIZE, 13)
+    assert df.loc["scene", "readable"] and pd.isna(df.loc["scene", "min"])  # header read, pixels not
+    unsized = build_tile_index([scene], nodata_value=0).iloc[0]  # no expected size: the byte limit still holds
+    assert not unsized["readable"]
+    assert unsized["error"] == "2989 MiB of pixels, over the 64 MiB a tile may hold; not read"
 
 
 def _duplicate_id(raw: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from geoclip.registry.aliases import (
     promote,
     rollback,
 )
+from geoclip.registry.integrity import DIGEST_TAG, logged_model_digest
 from geoclip.registry.register import params_hash, register
 from geoclip.registry.tracking import configure, write_run_info
 
@@ -116,6 +118,7 @@ def test_gate_tags_and_description_through_register(params):
     assert v1.tags["params_hash"] == params_hash(params) == first["params_hash"]
     assert v1.tags["data_version"] == data_version(params.paths.prepared) == first["data_version"]
     assert v1.tags["git_revision"] and "holdout_class" not in v1.tags
+    assert v1.tags[DIGEST_TAG] == logged_model_digest(f"models:/{name}/1")  # what scoring checks before loading
     for text in [f"data_version {first['data_version']}", "tiles test 3", "13 bands B01",
                  f"encoder {params.train.image_encoder}", f"loss {params.train.loss}",
                  f"epochs {params.train.epochs}", f"params_hash {params_hash(params)[:12]}",
@@ -323,3 +326,47 @@ def test_missing_run_info_is_refused(params):
 def _as_dict(params) -> dict:
     """Params back to a plain mapping (for building a variant)."""
     return asdict(params)
+
+
+def test_registering_the_same_run_again_returns_its_version_not_a_new_one(params):
+    """A retried Prefect task (or a second `geoclip register`) for one training run: one version, the same answer."""
+    name = params.register.model_name
+    client = MlflowClient(params.mlflow.tracking_uri)
+    trained(params, 0.6)
+    first = register(params)
+    (Path(params.paths.model) / "registered.json").unlink()  # as if the first attempt stopped before writing it
+    again = register(params)
+    assert (again["version"], again["alias"], again["run_id"]) == (first["version"], first["alias"], first["run_id"])
+    assert [v.version for v in client.search_model_versions(f"name='{name}'")] == [first["version"]]
+    assert register(params)["version"] == first["version"]
+
+
+def test_concurrent_gates_never_both_take_the_empty_champion_seat(params):
+    """Eight registrations gated at the same moment: one becomes the first champion, the others compare with it."""
+    name = params.register.model_name
+    setup = MlflowClient(params.mlflow.tracking_uri)
+    values = [0.50 + 0.01 * i for i in range(8)]
+    versions = [bare_version(setup, name, v) for v in values]
+    barrier = threading.Barrier(len(versions))
+    results: dict[str, dict] = {}
+
+    def gate(version: str, value: float) -> None:
+        client = MlflowClient(params.mlflow.tracking_uri)  # one client per racer, as separate processes have
+        barrier.wait()
+        try:
+            results[version] = gate_version(client, params.register, version, value)
+        except Exception as exc:  # reported below with the others' results
+            results[version] = {"alias": "error", "reason": f"{type(exc).__name__}: {exc}"}
+
+    threads = [threading.Thread(target=gate, args=(v, x)) for v, x in zip(versions, values)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not [r for r in results.values() if r["alias"] == "error"], results
+    assert sum("no champion yet" in r["reason"] for r in results.values()) == 1, results
+    history = champion_history(setup, name)
+    champions = [results[v]["alias"] == "champion" for v in versions]
+    # Every champion in turn beat the one before by more than the margin: the history is strictly better each time.
+    assert [v for v, won in zip(versions, champions) if won] == sorted(history, key=int)
+    assert [float(setup.get_model_version(name, v).tags["val_top1"]) for v in history] == sorted(
+        float(setup.get_model_version(name, v).tags["val_top1"]) for v in history)
+    assert not [m for m in setup.search_registered_models() if m.name == name + ".alias-lock"]  # released

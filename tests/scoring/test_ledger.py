@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +21,7 @@ from scoring_fakes import counting_loader
 from geoclip.config import params_from_dict
 from geoclip.errors import GeoclipError
 from geoclip.scoring.exactly_once import score_scene_once
-from geoclip.scoring.ledger import Ledger, content_hash, model_key
+from geoclip.scoring.ledger import ClaimLostError, Ledger, content_hash, model_key
 
 # A scoring run in its own process (so it can die mid-scene): the fake model, a counter of scoring attempts.
 WORKER = r'''
@@ -228,7 +231,7 @@ def test_rerun_skips_done_and_rescores_new_content_or_model(tmp_path):
     ledger = Ledger(tmp_path / "out")
     calls = []
 
-    def work():
+    def work(publishing):
         calls.append(1)
         return {"scene": str(scene), "value": len(calls)}
 
@@ -248,7 +251,7 @@ def test_failed_work_releases_the_claim_and_records_nothing(tmp_path):
     scene.write_bytes(b"x")
     ledger = Ledger(tmp_path / "out")
 
-    def boom():
+    def boom(publishing):
         raise GeoclipError("model output: bad shape")
 
     with pytest.raises(GeoclipError, match="bad shape"):
@@ -262,7 +265,7 @@ def test_a_run_whose_claim_was_taken_over_does_not_record_it_done(tmp_path):
     ledger = Ledger(tmp_path / "out")
     chash = content_hash(str(scene))
 
-    def slow_work():  # meanwhile our claim was judged stale and another run scored the scene and recorded it
+    def slow_work(publishing):  # meanwhile our claim was judged stale and another run scored the scene and recorded it
         then = time.time()
         ledger.store.create("scene_0/claim-00000001.json", {"host": "other-host", "pid": 1, "pidns": "x",
                                                             "token": "theirs", "created": then, "renewed": then,
@@ -338,3 +341,127 @@ def test_a_loaded_models_copy_of_geoclip_does_not_stay_on_sys_path(tmp_path):
     before = list(sys.path)
     assert load_model_keeping_sys_path(load) == "model"
     assert str(copy) not in sys.path and set(sys.path) <= set(before)
+
+
+# ---- fencing and crash states ----
+
+PAUSABLE = r'''
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from scoring_fakes import FakeModel
+from geoclip.config import params_from_dict
+from geoclip.scoring.exactly_once import score_scene_once
+
+_, tests, ready, out, scene, model_uri, timeout = sys.argv
+
+
+class Slow(FakeModel):
+    def predict(self, x, params=None):
+        Path(ready).touch()  # the claim is held and scoring has begun: the test may pause this process now
+        time.sleep(1.0)
+        return super().predict(x, params)
+
+
+params = params_from_dict({"score": {"batch_size": 64, "claim_timeout_s": int(timeout)}})
+print(json.dumps(score_scene_once(params, lambda: Slow(scene), scene, out, model_uri, checked=True)["status"]))
+'''
+
+
+def published_model(out: str, stem: str) -> str:
+    """The model the scene's published summary names."""
+    if out.startswith("s3://"):
+        bucket, _, prefix = out[5:].partition("/")
+        body = boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/{stem}_summary.json")["Body"].read()
+        return json.loads(body)["model_uri"]
+    return json.loads((Path(out) / f"{stem}_summary.json").read_text())["model_uri"]
+
+
+def test_a_paused_run_whose_claim_was_taken_over_publishes_nothing(tmp_path, out_uri):
+    (scene,) = make_scenes(tmp_path / "scenes", 1)
+    script, ready = tmp_path / "pausable.py", tmp_path / "ready"
+    script.write_text(PAUSABLE)
+    paused = subprocess.Popen([sys.executable, str(script), str(Path(__file__).parents[1]), str(ready), out_uri,
+                               str(scene), "models:/fake/1", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():  # wait until it holds the claim and is scoring
+            assert paused.poll() is None and time.monotonic() < deadline, paused.communicate()
+            time.sleep(0.02)
+        os.kill(paused.pid, signal.SIGSTOP)  # a GC pause, a suspended VM: no heartbeat, no progress
+        time.sleep(3)  # longer than score.claim_timeout_s = 2
+        newer = params_from_dict({"score": {"batch_size": 64, "claim_timeout_s": 2}})
+        from scoring_fakes import FakeModel
+
+        result = score_scene_once(newer, lambda: FakeModel(str(scene)), str(scene), out_uri, "models:/fake/2",
+                                  checked=True)
+        assert result["status"] == "scored" and published_model(out_uri, "scene_0") == "models:/fake/2"
+    finally:
+        if paused.poll() is None:
+            os.kill(paused.pid, signal.SIGCONT)
+    stdout, stderr = paused.communicate(timeout=300)
+    assert paused.returncode == 0, stderr
+    # It woke with its claim taken over: it published nothing then, started again and scored under a new claim.
+    assert "nothing published" in stderr
+    # Whatever happened in between, the ledger and the outputs agree: one done record, for the published model.
+    (rec,) = Ledger(out_uri).records()
+    assert rec["model_uri"] == published_model(out_uri, "scene_0") == "models:/fake/1"
+
+
+def test_a_renewal_never_brings_back_a_claim_that_was_taken_over(tmp_path):
+    holder = Ledger(tmp_path, claim_timeout_s=1)
+    claim = holder.acquire("scene_0")
+    claim.stop.set()  # the holder is paused: its heartbeat stops...
+    claim.thread.join()
+    claim.stop.clear()
+    time.sleep(1.2)  # ...for longer than the timeout
+    taker = Ledger(tmp_path, claim_timeout_s=1)
+    taker.me = taker.me | {"host": "another-host"}  # judges by the clock, as a run elsewhere would
+    taken = taker.acquire("scene_0")
+    assert taken is not None and taken.name.endswith("claim-00000001.json")
+    taker.release(taken)  # the newer run is done: no claim left at all
+    claim.thread = threading.Thread(target=holder._heartbeat, args=(claim,), daemon=True)
+    claim.thread.start()  # the holder wakes up and its heartbeat beats again
+    claim.thread.join(timeout=10)
+    assert not claim.thread.is_alive() and claim.lost.is_set()  # it found out, and stopped renewing
+    assert not list((tmp_path / "_manifest" / "scene_0").glob("claim-*"))  # nothing came back to life
+    assert not holder.holds(claim)
+    with pytest.raises(ClaimLostError, match="taken over"):
+        with holder.publishing(claim):
+            pass
+    holder.release(claim)
+
+
+def test_an_unreadable_claim_blocks_a_scene_only_until_its_timeout(tmp_path):
+    ledger = Ledger(tmp_path, claim_timeout_s=60)
+    path = tmp_path / "_manifest" / "scene_0" / "claim-00000000.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("")  # what a power cut can leave
+    assert ledger.acquire("scene_0") is None  # fresh: perhaps being written
+    os.utime(path, (time.time() - 120, time.time() - 120))
+    claim = ledger.acquire("scene_0")
+    assert claim is not None and claim.name.endswith("claim-00000001.json")
+    ledger.release(claim)
+
+
+def test_a_reused_pid_on_this_host_does_not_keep_a_dead_runs_claim_alive(tmp_path):
+    ledger = Ledger(tmp_path, claim_timeout_s=3600)
+    now = time.time()
+    # The claim's process died and its PID now belongs to another process (here: our parent), as happens after a
+    # restart or in a container sharing the host name and PID numbers.
+    ledger.store.create("scene_0/claim-00000000.json", ledger.me | {
+        "pid": os.getppid(), "started": "1", "token": "dead", "created": now, "renewed": now, "timeout_s": 3600})
+    claim = ledger.acquire("scene_0")
+    assert claim is not None and claim.name.endswith("claim-00000001.json")
+    ledger.release(claim)
+
+
+def test_claim_files_are_written_durably(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    ledger = Ledger(tmp_path)
+    claim = ledger.acquire("scene_0")
+    assert len(synced) >= 2  # the claim's bytes, then its directory entry
+    ledger.release(claim)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from big_files import SCENE_SIZE, write_full_scene
 from factories import make_model_dir, make_tile, synthetic_tiles, torch_predict
 
 from geoclip.bands import EUROSAT_CLASSES
 from geoclip.errors import GeoclipError
+from geoclip.registry.models import load_served_model
 from geoclip.registry.pyfunc import save_pyfunc
 from geoclip.scoring.predict import predict_tiles
 
@@ -61,4 +64,23 @@ def test_wrong_tile_size_is_refused_and_nothing_written(tmp_path, model_uri):
     (tmp_path / "tiles" / "tile_1.tif").unlink()
     with pytest.raises(GeoclipError, match=r"tile_0\.tif: tile shape \(13, 80, 80\)"):
         predict_tiles(tmp_path / "tiles", model_uri, tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_full_scene_among_tiles_is_refused_before_its_pixels_are_read(tmp_path, model_uri):
+    write_tiles(tmp_path / "tiles", synthetic_tiles(2))
+    scene = write_full_scene(tmp_path / "tiles" / "tile_0_scene.tif")  # 3.1 GB of pixels in a 4 kB file
+    load_served_model(model_uri)  # loaded once per process: only what predict reads is traced below
+    tracemalloc.start()
+    try:
+        with pytest.raises(GeoclipError) as err:
+            predict_tiles(tmp_path / "tiles", model_uri, tmp_path / "out.csv")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB traced: the scene's pixels were read"
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{scene}: ")
+    assert f"tile shape (13, {SCENE_SIZE}, {SCENE_SIZE}), the model expects (13, 64, 64)" in msg
+    assert "geoclip score" in msg  # what to do with a scene
     assert not (tmp_path / "out.csv").exists()
