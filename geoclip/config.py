@@ -178,6 +178,7 @@ class ScoreConfig:
     dask_workers: int = 2  # workers of the local Dask cluster (dask_address "")
     tta: bool = False  # 8 flips/rotations per window: overlapping windows already blend views; 8x slower
     claim_timeout_s: int = 3600  # a scene claim older than this is taken to belong to a crashed run
+    wait_timeout_s: int = 21600  # longest wait for a scene another live run is scoring; then an error (try later)
 
 
 @dataclass(frozen=True)

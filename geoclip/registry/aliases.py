@@ -1,9 +1,10 @@
 """The MLflow model registry's aliases: the promotion gate, manual promote, rollback and a listing.
 
 Every move of the ``champion`` alias (by ``register``, ``promote`` or ``rollback``) happens under the model's alias
-lock (geoclip.registry.lock) and goes through ``set_champion``, which keeps the registered-model tag ``champion_history``: a JSON list of the versions
-that held the alias, oldest first, the current champion last. ``rollback`` pops the current champion and
-gives the alias back to the entry before it, so promote-then-rollback and register-then-rollback both undo.
+lock (geoclip.registry.lock) and goes through ``set_champion``, which keeps the registered-model tag
+``champion_history``: a JSON list of the versions that held the alias, oldest first, the current champion last.
+``rollback`` pops the current champion and gives the alias back to the entry before it, so promote-then-rollback and
+register-then-rollback both undo.
 """
 
 from __future__ import annotations

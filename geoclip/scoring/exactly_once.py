@@ -1,18 +1,19 @@
 """Exactly-once scoring of one scene: manifest claim, staged outputs, and S3 failures told apart from bad input.
 
-``score_scene_once`` wraps :func:`geoclip.scoring.score.score_one` in a :class:`geoclip.scoring.ledger.Ledger` run: a scene is scored
-once per (content, model) however many runs, retries or workers overlap; local outputs appear only by rename at the
-end; a /vsis3/ failure while S3 is unreachable becomes a retryable network error (see ``geoclip.retries``).
+``score_scene_once`` wraps :func:`geoclip.scoring.score.score_one` in a :class:`geoclip.scoring.ledger.Ledger` run:
+a scene is scored once per (content, model) however many runs, retries or workers overlap; local outputs appear only
+by rename at the end; a /vsis3/ failure while S3 is unreachable becomes a retryable network error (see
+``geoclip.retries``).
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import ContextManager
 
 from geoclip.config import Params
 from geoclip.data import s3
@@ -33,10 +34,9 @@ def _rebase(obj, old: str, new: str):
     return obj
 
 
-def _score_staged(params: Params, model, scene_uri: str, out: Path, model_uri: str, checked: bool,
-                  publishing: Callable[[], ContextManager]) -> dict:
+def _score_staged(params: Params, model, scene_uri: str, out: Path, model_uri: str, checked: bool, fence) -> dict:
     """Score into a hidden staging folder inside ``out``, then rename the outputs into place, the summary last,
-    all inside one fenced publish step (``publishing``: nothing is renamed once the claim was taken over)."""
+    all inside one fenced publish step (``fence.publishing``: nothing is renamed once the claim was taken over)."""
     import shutil
 
     stem = Path(scene_uri).stem
@@ -47,9 +47,10 @@ def _score_staged(params: Params, model, scene_uri: str, out: Path, model_uri: s
             shutil.rmtree(old, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}.staging-", dir=out))
     try:
-        summary = score_one(params, model, scene_uri, str(staging), model_uri=model_uri, checked=checked)
+        summary = score_one(params, model, scene_uri, str(staging), model_uri=model_uri, checked=checked,
+                            progress=fence.progress)
         summary = _rebase(summary, str(staging), str(out))
-        with publishing():
+        with fence.publishing():
             for f in staging.iterdir():
                 if f.is_file() and not f.name.startswith(".") and str(out / f.name) != summary["summary"]:
                     os.replace(f, out / f.name)
@@ -139,26 +140,34 @@ def _raise_if_s3_down(exc: Exception, *uris: str) -> None:
 
 
 def score_scene_once(params: Params, load_model: Callable[[], object], scene_uri: str, out_uri: str,
-                     model_uri: str, checked: bool = False, wait: bool = True) -> dict:
+                     model_uri: str, checked: bool = False, wait: bool = True, name: str | None = None) -> dict:
     """Score one scene unless the manifest shows this content already scored with this model (exactly once).
 
-    ``load_model`` is called only when the scene needs scoring. Returns the scene's summary with ``status``:
-    ``scored``, ``skipped`` or, with ``wait=False``, ``busy`` while another run holds it (see geoclip.scoring.ledger).
+    ``name`` is the scene's identity below ``out_uri`` (default its file stem; see ``score.scene_key``): outputs go
+    to its folder there and the ledger keys it by name. ``load_model`` is called only when the scene needs scoring.
+    Returns the scene's summary with ``status``: ``scored``, ``skipped`` or, with ``wait=False``, ``busy`` while
+    another run holds it (see geoclip.scoring.ledger).
     """
-    from geoclip.scoring.ledger import ClaimLostError, Ledger
+    name = name or Path(str(scene_uri)).stem
+    folder = posixpath.dirname(name)
+    scene_out = out_uri
+    if folder:
+        scene_out = s3.join(out_uri, folder) if s3.is_s3(out_uri) else str(Path(out_uri) / folder)
+    from geoclip.scoring.ledger import ClaimLostError, Fence, Ledger
 
-    def work(publishing: Callable[[], ContextManager]) -> dict:
+    def work(fence: Fence) -> dict:
         model = load_model_keeping_sys_path(load_model)
         _forget_gdal_s3_cache(scene_uri, truth_uri(scene_uri))  # a retry must not see an earlier failed read
         try:
             if s3.is_s3(out_uri):  # score_one scores into a temp folder and uploads at the end, the summary last
-                return score_one(params, model, scene_uri, out_uri, model_uri=model_uri, checked=checked,
-                                 publishing=publishing)
-            return _score_staged(params, model, scene_uri, Path(out_uri), model_uri, checked, publishing)
+                return score_one(params, model, scene_uri, scene_out, model_uri=model_uri, checked=checked,
+                                 publishing=fence.publishing, progress=fence.progress)
+            return _score_staged(params, model, scene_uri, Path(scene_out), model_uri, checked, fence)
         except ClaimLostError:
             raise
         except Exception as exc:
             _raise_if_s3_down(exc, scene_uri, out_uri)
             raise
 
-    return Ledger(out_uri, params.score.claim_timeout_s).run_once(scene_uri, model_uri, work, wait=wait)
+    ledger = Ledger(out_uri, params.score.claim_timeout_s, wait_timeout_s=params.score.wait_timeout_s)
+    return ledger.run_once(scene_uri, model_uri, work, wait=wait, scene=name)

@@ -340,6 +340,19 @@ class Claim:
     stop: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)  # set once a renewal finds it taken over
     thread: threading.Thread | None = None
+    progressed: float = field(default_factory=time.time)  # when the work last reported progress
+
+    def progress(self) -> None:
+        """The work moved on (a batch scored): the heartbeat may keep renewing the claim."""
+        self.progressed = time.time()
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What the work gets: ``publishing()`` wraps each publish step, ``progress()`` reports that it moves on."""
+
+    publishing: Callable[[], contextlib.AbstractContextManager]
+    progress: Callable[[], None]
 
 
 class ClaimLostError(GeoclipError):
@@ -349,13 +362,17 @@ class ClaimLostError(GeoclipError):
 class Ledger:
     """The manifest under ``{out}/_manifest``: done records and claims for exactly-once scoring."""
 
-    def __init__(self, out_uri: str | Path, claim_timeout_s: float = 3600.0, poll_s: float | None = None):
+    def __init__(self, out_uri: str | Path, claim_timeout_s: float = 3600.0, poll_s: float | None = None,
+                 wait_timeout_s: float = 21600.0):
         out = str(out_uri)
         self.root = s3.join(out, MANIFEST) if s3.is_s3(out) else str(Path(out) / MANIFEST)
         self.store = _S3Store(self.root) if s3.is_s3(out) else _LocalStore(Path(self.root))
         if claim_timeout_s <= 0:
             raise GeoclipError(f"score.claim_timeout_s: {claim_timeout_s}; expected a number of seconds > 0")
         self.timeout = float(claim_timeout_s)
+        if wait_timeout_s <= 0:
+            raise GeoclipError(f"score.wait_timeout_s: {wait_timeout_s}; expected a number of seconds > 0")
+        self.wait_timeout = float(wait_timeout_s)
         self.poll = poll_s if poll_s is not None else min(2.0, self.timeout / 4)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
                    "boot_id": _boot_id(), "started": _start_ticks(os.getpid())}
@@ -378,7 +395,7 @@ class Ledger:
         names = []
         if isinstance(self.store, _LocalStore):
             root = Path(self.root)
-            names = [str(p.relative_to(root)) for p in root.glob("*/done-*.json")] if root.is_dir() else []
+            names = [p.relative_to(root).as_posix() for p in root.rglob("done-*.json")] if root.is_dir() else []
         else:
             names = [n for n in self.store.names("") if "/done-" in n]
         return [r for r in (self.store.read(n) for n in sorted(names)) if r]
@@ -477,8 +494,11 @@ class Ledger:
         return False
 
     def _heartbeat(self, claim: Claim) -> None:
-        """Renew the claim every timeout/4 s until released or lost (a failed request is retried at the next beat)."""
+        """Renew the claim every timeout/4 s until released or lost (a failed request is retried at the next beat),
+        but only while the work progresses: a run stuck for a whole timeout (a hung read) lets its claim go stale."""
         while not claim.stop.wait(self.timeout / 4):
+            if time.time() - claim.progressed > self.timeout:
+                continue  # stuck: no renewal; it resumes if the work moves on before someone takes the scene over
             try:
                 with self.store.lock(claim.scene, self.timeout):
                     if not self._renew(claim):
@@ -519,19 +539,21 @@ class Ledger:
 
     # -- the exactly-once step --
 
-    def run_once(self, scene_uri: str, model_uri: str, work: Callable[[Callable], dict], wait: bool = True,
+    def run_once(self, scene_uri: str, model_uri: str, work: Callable[[Fence], dict], wait: bool = True,
                  scene: str | None = None) -> dict:
         """Run ``work`` (which writes the scene's outputs and returns its summary) once per (content, model).
 
-        ``work`` gets a fence, ``publishing()``: a context manager to wrap each publish step in (see
-        :meth:`publishing`). ``scene`` names the scene in the manifest (default: its file stem). Returns the
-        summary with ``status``: ``scored`` (by this call), ``skipped`` (done before: the summary recorded then)
-        or, with ``wait=False``, ``busy`` (another run holds the scene; nothing else in the dict but ``scene``).
-        With ``wait=True`` a busy scene is waited for until it is done or its claim goes stale.
+        ``work`` gets a :class:`Fence`: ``publishing()`` to wrap each publish step in (see :meth:`publishing`) and
+        ``progress()`` to call as it moves on (the claim is renewed only then). ``scene`` names the scene in the
+        manifest (default: its file stem). Returns the summary with ``status``: ``scored`` (by this call),
+        ``skipped`` (done before: the summary recorded then) or, with ``wait=False``, ``busy`` (another run holds
+        the scene; nothing else in the dict but ``scene``). With ``wait=True`` a busy scene is waited for until it
+        is done or its claim goes stale, at most ``wait_timeout_s`` (then a GeoclipError: try again later).
         """
         scene = scene or scene_name(scene_uri)
         chash = content_hash(scene_uri)
         said_wait = False
+        give_up = time.monotonic() + self.wait_timeout
         while True:
             rec = self.done(scene, chash, model_uri)
             if rec is not None:
@@ -543,6 +565,9 @@ class Ledger:
                 if not said_wait:
                     print(f"ledger: {scene_uri} is being scored by another run; waiting", file=sys.stderr)
                     said_wait = True
+                if time.monotonic() > give_up:
+                    raise GeoclipError(f"{scene_uri}: still being scored by another run after "
+                                       f"score.wait_timeout_s={self.wait_timeout:g} s; score it again later")
                 time.sleep(self.poll * random.uniform(0.5, 1.5))  # jitter: racing runs do not poll in step
                 continue
             try:
@@ -559,7 +584,7 @@ class Ledger:
                     self.release(claim)
 
     def _score_claimed(self, claim: Claim, scene_uri: str, chash: str, model_uri: str,
-                       work: Callable[[Callable], dict]) -> dict | None:
+                       work: Callable[[Fence], dict]) -> dict | None:
         """Under a held claim: re-check done, drop the scene's other records, run the work, record it done.
 
         None when the claim was lost meanwhile: every publish step (the work's, and the records here) is fenced.
@@ -574,7 +599,7 @@ class Ledger:
                 for name in self.store.names(f"{claim.scene}/done-"):
                     if name != keep:  # the outputs are about to be replaced: older ones will no longer be on disk
                         self.store.delete(name)
-            summary = work(lambda: self.publishing(claim))
+            summary = work(Fence(publishing=lambda: self.publishing(claim), progress=claim.progress))
             summary = {k: v for k, v in summary.items() if k != "status"}
             with self.publishing(claim):
                 self.store.put(keep, {

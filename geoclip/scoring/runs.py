@@ -9,7 +9,7 @@ from geoclip.config import Params
 from geoclip.registry.models import load_served_model, model_input_bands, resolve_model_uri
 from geoclip.registry.tracking import configure
 from geoclip.scoring.exactly_once import score_scene_once
-from geoclip.scoring.score import check_scenes, list_scenes, write_summary
+from geoclip.scoring.score import check_scenes, list_scenes, scene_key, write_summary
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class ScoringPlan:
     model_uri: str  # models:/name/<version>: an alias is pinned once, so every scene uses the same model
     scenes: list[str]
     out: str  # local folder or s3:// prefix
+    root: str  # the scenes folder or prefix: a scene's identity is its path below it (score.scene_key)
 
 
 def plan_scoring(params: Params, model_uri: str | None = None, source: str | None = None,
@@ -29,11 +30,12 @@ def plan_scoring(params: Params, model_uri: str | None = None, source: str | Non
     passes the scenes suite (report under ``paths.reports``) before a model is loaded, a claim is made or any
     output folder exists.
     """
-    scenes = list_scenes(source or params.score.scenes)
+    root = str(source or params.score.scenes)
+    scenes = list_scenes(root)
     configure(params)
     uri = resolve_model_uri(model_uri or params.score.model_uri)
     check_scenes(params, scenes, len(model_input_bands(uri)), report=True)
-    return ScoringPlan(model_uri=uri, scenes=scenes, out=str(out_dir or params.paths.scores))
+    return ScoringPlan(model_uri=uri, scenes=scenes, out=str(out_dir or params.paths.scores), root=root)
 
 
 def score_planned_scene(params: Params, plan: ScoringPlan, scene: str, wait: bool = True) -> dict:
@@ -41,7 +43,7 @@ def score_planned_scene(params: Params, plan: ScoringPlan, scene: str, wait: boo
     holds it). The model is loaded only when the scene needs scoring."""
     configure(params)
     return score_scene_once(params, lambda: load_served_model(plan.model_uri), scene, plan.out, plan.model_uri,
-                            checked=True, wait=wait)
+                            checked=True, wait=wait, name=scene_key(scene, plan.root))
 
 
 def score_scenes(params: Params, model_uri: str | None = None, source: str | None = None,

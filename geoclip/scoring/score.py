@@ -141,17 +141,41 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
 
 
 def list_scenes(source: str | Path) -> list[str]:
-    """The ``*.tif`` scenes in a local folder or under an ``s3://bucket/prefix`` (sorted)."""
+    """The ``*.tif`` scenes in a local folder or under an ``s3://bucket/prefix``, at any depth (sorted); folders
+    whose names start with ``.`` or ``_`` (staging, the ledger) are skipped."""
     if s3.is_s3(source):
-        found = s3.list_uris(str(source), SCENE_SUFFIXES)
+        root = str(source).rstrip("/")
+        found = [u for u in s3.list_uris(root, SCENE_SUFFIXES) if not _hidden(u[len(root) + 1:])]
     else:
         folder = Path(source)
         if not folder.is_dir():
             raise GeoclipError(f"{folder}: no such folder; expected a folder of scenes or an s3:// prefix")
-        found = [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in SCENE_SUFFIXES]
+        found = [str(p) for p in sorted(folder.rglob("*")) if p.suffix.lower() in SCENE_SUFFIXES and p.is_file()
+                 and not _hidden(p.relative_to(folder).as_posix())]
     if not found:
         raise GeoclipError(f"{source}: no .tif scenes found")
     return found
+
+
+def _hidden(relative: str) -> bool:
+    """True for a path (relative to the scenes root) inside a ``.``/``_`` folder or naming a hidden file."""
+    *folders, name = relative.split("/")
+    return name.startswith(".") or any(part.startswith((".", "_")) for part in folders)
+
+
+def scene_key(scene_uri: str, root: str | Path) -> str:
+    """A scene's identity: its path below the scenes root without the suffix (``2023/T32UQD``).
+
+    Outputs (``{out}/2023/T32UQD_classmap.tif``) and ledger entries are keyed by it, so two scenes with one file
+    name in different folders stay two scenes; a scene directly in the root keeps its plain stem.
+    """
+    scene, base = str(scene_uri), str(root).rstrip("/")
+    if not s3.is_s3(scene):
+        scene, base = Path(scene).resolve().as_posix(), Path(base).resolve().as_posix()
+    if not scene.startswith(base + "/"):
+        return Path(scene).stem
+    relative = scene[len(base) + 1:]
+    return relative.rsplit(".", 1)[0] if "." in relative.rsplit("/", 1)[-1] else relative
 
 
 def truth_uri(scene_uri: str) -> str:
@@ -177,7 +201,8 @@ def check_scenes(params: Params, scenes: list[str | Path], n_bands: int, names: 
 
 
 def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: str | None = None,
-              checked: bool = False, publishing: Callable[[], ContextManager] = contextlib.nullcontext) -> dict:
+              checked: bool = False, publishing: Callable[[], ContextManager] = contextlib.nullcontext,
+              progress: Callable[[], None] = lambda: None) -> dict:
     """Score one local or S3 scene with a loaded pyfunc; write outputs to a local folder or S3 prefix.
 
     An S3 scene and its truth map are read in place through GDAL's /vsis3/, never downloaded. The scene first
@@ -190,6 +215,7 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
     cfg = params.score
 
     def predict_fn(x: np.ndarray) -> np.ndarray:
+        progress()  # a batch was read: the exactly-once claim may be renewed
         # score.tta, not the pyfunc default (tiles are served with the evaluated TTA; scenes rarely want 8x the work).
         return model.predict(x, params={"batch_size": cfg.batch_size, "tta": cfg.tta})["probabilities"]
 

@@ -421,8 +421,9 @@ def test_a_renewal_never_brings_back_a_claim_that_was_taken_over(tmp_path):
     taken = taker.acquire("scene_0")
     assert taken is not None and taken.name.endswith("claim-00000001.json")
     taker.release(taken)  # the newer run is done: no claim left at all
+    claim.progress()  # the holder wakes up, its work goes on...
     claim.thread = threading.Thread(target=holder._heartbeat, args=(claim,), daemon=True)
-    claim.thread.start()  # the holder wakes up and its heartbeat beats again
+    claim.thread.start()  # ...and its heartbeat beats again
     claim.thread.join(timeout=10)
     assert not claim.thread.is_alive() and claim.lost.is_set()  # it found out, and stopped renewing
     assert not list((tmp_path / "_manifest" / "scene_0").glob("claim-*"))  # nothing came back to life
@@ -465,3 +466,49 @@ def test_claim_files_are_written_durably(tmp_path, monkeypatch):
     claim = ledger.acquire("scene_0")
     assert len(synced) >= 2  # the claim's bytes, then its directory entry
     ledger.release(claim)
+
+
+def test_a_stuck_run_stops_renewing_and_its_claim_goes_stale(tmp_path):
+    holder = Ledger(tmp_path, claim_timeout_s=1)
+    claim = holder.acquire("scene_0")  # the work never reports progress (a read hung), but the process lives
+    other = Ledger(tmp_path, claim_timeout_s=1)
+    other.me = other.me | {"host": "another-host"}
+    deadline = time.monotonic() + 15
+    while (taken := other.acquire("scene_0")) is None:
+        assert time.monotonic() < deadline, "a run that made no progress kept its claim alive"
+        time.sleep(0.1)
+    assert taken.name.endswith("claim-00000001.json")
+    other.release(taken)
+    holder.release(claim)
+
+
+def test_a_progressing_run_keeps_its_claim(tmp_path):
+    holder = Ledger(tmp_path, claim_timeout_s=1)
+    claim = holder.acquire("scene_0")
+    other = Ledger(tmp_path, claim_timeout_s=1)
+    other.me = other.me | {"host": "another-host"}
+    for _ in range(25):  # 2.5 s, well past the timeout, reporting progress all along
+        claim.progress()
+        time.sleep(0.1)
+        assert other.acquire("scene_0") is None
+    holder.release(claim)
+
+
+def test_waiting_for_another_runs_scene_has_a_deadline(tmp_path):
+    scene = tmp_path / "scene_0.tif"
+    scene.write_bytes(b"x")
+    ledger = Ledger(tmp_path / "out", poll_s=0.1, wait_timeout_s=1)
+    _claim_from_elsewhere(ledger, "scene_0", age_s=0, timeout_s=3600)  # alive, somewhere else, for an hour
+    outcome: dict = {}
+
+    def wait() -> None:
+        try:
+            ledger.run_once(str(scene), "models:/m/1", dict)
+        except GeoclipError as exc:
+            outcome["error"] = str(exc)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "waited for the other run without a deadline"
+    assert "still being scored by another run" in outcome["error"] and "wait_timeout_s" in outcome["error"]

@@ -19,9 +19,10 @@ import geoclip.scoring.scene_io
 from geoclip.bands import EUROSAT_CLASSES
 from geoclip.config import params_from_dict
 from geoclip.errors import GeoclipError
+from geoclip.scoring.ledger import Ledger
 from geoclip.scoring.runs import score_scenes
 from geoclip.scoring.scene_io import scan_windows
-from geoclip.scoring.score import PROB_SCALE, list_scenes, score_one, score_scene, window_starts
+from geoclip.scoring.score import PROB_SCALE, list_scenes, scene_key, score_one, score_scene, window_starts
 
 CLASSES = list(EUROSAT_CLASSES)
 
@@ -151,6 +152,38 @@ def test_scenes_from_s3_scored_with_the_champion_back_to_s3(tmp_path, s3_server,
     overall = json.loads(s3.get_object(Bucket="geo", Key="scores/summary.json")["Body"].read())
     assert overall["n_scenes"] == 1 and overall["nodata_pixels"] == 1600
     assert overall["area_km2"] == pytest.approx((256 * 240 - 1600) * 100 / 1e6)
+
+
+def test_same_file_name_in_two_folders_is_two_scenes(tmp_path, mlflow_server, monkeypatch):
+    """``2023/T32UQD.tif`` and ``2024/T32UQD.tif``: two scenes, two sets of outputs, two ledger entries."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name = f"geoclip-{uuid.uuid4().hex[:8]}"
+    register_champion(tmp_path, mlflow_server, name)
+    scenes = tmp_path / "scenes"
+    write_scene(scenes / "2023" / "T32UQD.tif")
+    write_scene(scenes / "2024" / "T32UQD.tif", nodata_box=80)  # other content, same name
+    write_scene(scenes / "_manifest" / "not_a_scene.tif")  # folders starting with _ or . are never scenes
+    params = params_from_dict({"mlflow": {"tracking_uri": mlflow_server, "experiment": "test-score"},
+                               "score": {"model_uri": f"models:/{name}@champion", "scenes": str(scenes),
+                                         "batch_size": 32}})
+    out = tmp_path / "scores"
+
+    results = score_scenes(params, out_dir=str(out))
+
+    assert [r["status"] for r in results] == ["scored", "scored"]
+    for year, nodata in (("2023", 1600), ("2024", 6400)):
+        summary = json.loads((out / year / "T32UQD_summary.json").read_text())
+        assert summary["scene"] == str(scenes / year / "T32UQD.tif") and summary["nodata_pixels"] == nodata
+        assert (out / year / "T32UQD_classmap.tif").is_file()
+    assert sorted(r["name"] for r in Ledger(str(out)).records()) == ["2023/T32UQD", "2024/T32UQD"]
+    assert [r["status"] for r in score_scenes(params, out_dir=str(out))] == ["skipped", "skipped"]
+
+
+def test_scene_keys_are_paths_below_the_root():
+    assert scene_key("/data/scenes/2023/T32UQD.tif", "/data/scenes") == "2023/T32UQD"
+    assert scene_key("/data/scenes/scene_0.tif", "/data/scenes/") == "scene_0"  # flat folders keep their stems
+    assert scene_key("s3://b/scenes/2024/T32UQD.tif", "s3://b/scenes") == "2024/T32UQD"
+    assert scene_key("s3://b/other/x.tif", "s3://b/scenes") == "x"
 
 
 # ---- block-aligned strips, probabilities, COG layout, bounded memory, /vsis3/ ----
