@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 
 from geoclip.config import Params
+from geoclip.data.s3 import redact
 from geoclip.errors import GeoclipError
 
 RUN_INFO_FILE = "run.json"
@@ -28,16 +29,22 @@ def configure(params: Params) -> str:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
-    experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        # A local artifact folder only makes sense for a local (sqlite/file) store; a server proxies its own.
-        location = None
-        if not uri.startswith(("http://", "https://", "databricks")):
-            location = Path(params.mlflow.artifact_location).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(params.mlflow.experiment, artifact_location=location)
-    mlflow.set_experiment(experiment_id=experiment_id)
+    try:
+        experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            # A local artifact folder only makes sense for a local (sqlite/file) store; a server proxies its own.
+            location = None
+            if not uri.startswith(("http://", "https://", "databricks")):
+                location = Path(params.mlflow.artifact_location).resolve().as_uri()
+            experiment_id = mlflow.create_experiment(params.mlflow.experiment, artifact_location=location)
+        mlflow.set_experiment(experiment_id=experiment_id)
+    except mlflow.exceptions.MlflowException as exc:  # the store did not answer: say which one and what to set
+        where = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
+        detail = redact((str(exc).splitlines() or [type(exc).__name__])[0])[:200]
+        raise GeoclipError(f"MLflow tracking store {redact(uri)} ({where}) cannot be used ({detail}); start it, or "
+                           f"set {where} to one that answers") from exc
     return experiment_id
 
 

@@ -1,8 +1,12 @@
 """Tests for geoclip.registry.tracking: MLflow configuration does not leak between param sets."""
 
+import socket
+
 import mlflow
+import pytest
 
 from geoclip.config import params_from_dict
+from geoclip.errors import GeoclipError
 from geoclip.registry.tracking import configure, flat_params
 
 
@@ -29,3 +33,17 @@ def test_environment_uri_wins(tmp_path, monkeypatch):
 def test_flat_params_are_dotted_strings():
     flat = flat_params(params_from_dict({"train": {"epochs": 3}}))
     assert flat["train.epochs"] == "3" and flat["classes.names"].startswith("['AnnualCrop'")
+
+
+def test_an_unreachable_tracking_server_is_named_with_what_to_set(monkeypatch):
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once instead of after minutes of retries
+    params = params_from_dict({"mlflow": {"tracking_uri": f"http://127.0.0.1:{port}"}})
+    try:
+        with pytest.raises(GeoclipError, match=rf"http://127.0.0.1:{port} \(mlflow.tracking_uri\) cannot be used"):
+            configure(params)
+    finally:
+        mlflow.set_tracking_uri(None)
