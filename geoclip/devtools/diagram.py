@@ -8,7 +8,7 @@ from geoclip.plots import pyplot, save_png
 
 STAGES = ["ingest\n(synthetic, folder,\nmanifest, s3://)", "validate\n(Great Expectations)", "prepare\n(split, stats, pack)",
           "train\n(torchrun DDP)", "evaluate", "register\n(gate: champion)", "score\n(sliding window)"]
-ARTIFACTS = ["data/raw\nGeoTIFF tiles,\nlabels, scenes", "reports/\nvalidation JSON,\nGE Data Docs",
+ARTIFACTS = ["data/raw, synthetic/\nGeoTIFF tiles,\nlabels; scenes", "reports/\nvalidation JSON,\nGE Data Docs",
              "data/prepared\nuint16 packs,\nstats, index", "models/\nweights,\nrun.json", "eval/\nmetrics.json,\nconfusion",
              "MLflow registry\ngeoclip@champion", "outputs/scores\nCOG class maps,\narea JSON"]
 
