@@ -30,13 +30,15 @@ LOCK_SUFFIX = ".alias-lock"
 
 
 def _lock_holder(client: MlflowClient, lock: str) -> dict[str, str] | None:
-    """The tags of the lock model (token, host, pid, since), or None when nobody holds it."""
+    """The lock model's tags (token, host, pid; possibly not yet written: a create sets them after the row) and
+    ``created`` (the tracking database's own timestamp, seconds), or None when nobody holds it."""
     try:
-        return dict(client.get_registered_model(lock).tags or {})
+        model = client.get_registered_model(lock)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
+    return dict(model.tags or {}) | {"created": str((model.creation_timestamp or 0) / 1000)}
 
 
 @contextlib.contextmanager
@@ -47,17 +49,20 @@ def alias_lock(client: MlflowClient, name: str, timeout_s: float = 120.0, stale_
     token = uuid.uuid4().hex
     deadline = time.monotonic() + timeout_s
     while True:
-        tags = {"token": token, "host": socket.gethostname(), "pid": str(os.getpid()), "since": str(time.time())}
+        tags = {"token": token, "host": socket.gethostname(), "pid": str(os.getpid())}
         try:
             client.create_registered_model(lock, tags=tags, description=f"geoclip: {name}'s aliases are being moved")
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # ALREADY_EXISTS: held. DOES_NOT_EXIST: our row was removed before its tags went in (a stale-lock
+            # sweep by another process): not ours, so go round again.
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         holder = _lock_holder(client, lock)
         if holder is None:
             continue  # released in between: try again at once
-        if time.time() - float(holder.get("since") or 0) > stale_s and _lock_holder(client, lock) == holder:
+        # Age by the database's creation time, not by a tag: a lock whose tags are not written yet is fresh.
+        if time.time() - float(holder["created"]) > stale_s and _lock_holder(client, lock) == holder:
             with contextlib.suppress(MlflowException):  # another process may have removed it first
                 client.delete_registered_model(lock)
             continue
