@@ -37,30 +37,8 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 
-from geoclip.devtools.services import HOST, Server, free_port, running
+from geoclip.devtools.services import HOST, TCP_PROXY, Server, free_port, running
 from geoclip.scoring.ledger import MANIFEST
-
-PROXY = r"""
-import asyncio, sys
-
-async def pipe(reader, writer):
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        writer.close()
-
-async def handle(client_r, client_w):
-    server_r, server_w = await asyncio.open_connection("127.0.0.1", int(sys.argv[2]))
-    await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w), return_exceptions=True)
-
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
-    await server.serve_forever()
-
-asyncio.run(main())
-"""
 
 WORKER = r"""
 import json, os, sys, time
@@ -218,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
         moto = Server("moto", [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(backend)],
                       f"http://{HOST}:{backend}/moto-api/data.json", log=tmp / "moto.log")
-        proxy = Server("s3-proxy", [sys.executable, "-c", PROXY, str(port), str(backend)],
+        proxy = Server("s3-proxy", [sys.executable, "-c", TCP_PROXY, str(port), str(backend)],
                        f"http://{HOST}:{port}/moto-api/data.json", log=tmp / "proxy.log")
         os.environ.update(creds | {"AWS_ENDPOINT_URL": f"http://{HOST}:{port}"})
         env = os.environ | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "AWS_MAX_ATTEMPTS": "2"}

@@ -19,6 +19,7 @@ from factories import register_champion, write_scene
 from mlflow import MlflowClient
 
 from geoclip.devtools.services import HOST, QUIET, Server, free_port, running, wait_ready
+from geoclip.devtools.services import TCP_PROXY as PROXY
 from geoclip.errors import GeoclipError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,27 +210,7 @@ def test_scoring_fans_out_over_a_dask_cluster(tmp_path, mlflow_server, prefect_h
 # ---- S3 outage mid-run: retried, nothing lost or duplicated ----
 
 # A TCP forwarder in its own process: killing it is an S3 outage (connection refused), starting it again ends it.
-PROXY = r"""
-import asyncio, sys
 
-async def pipe(reader, writer):
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        writer.close()
-
-async def handle(client_r, client_w):
-    server_r, server_w = await asyncio.open_connection("127.0.0.1", int(sys.argv[2]))
-    await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w), return_exceptions=True)
-
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
-    await server.serve_forever()
-
-asyncio.run(main())
-"""
 
 
 class RestartableS3:

@@ -266,3 +266,28 @@ def run_services(state: str | Path = ".services", ports: dict[str, int] | None =
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+#: A TCP proxy (``python -c TCP_PROXY LISTEN_PORT TARGET_PORT``) that tests and bench/faults.py stop and start to
+#: take a server away and bring it back with its state intact.
+TCP_PROXY = r"""
+import asyncio, sys
+
+async def pipe(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+async def handle(client_r, client_w):
+    server_r, server_w = await asyncio.open_connection("127.0.0.1", int(sys.argv[2]))
+    await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w), return_exceptions=True)
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+
+asyncio.run(main())
+"""

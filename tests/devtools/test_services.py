@@ -119,7 +119,7 @@ def test_services_start_answer_stop_and_keep_their_state(tmp_path):
 
 
 # What a developer's shell may hold: real credentials, a session, passwords, a URI with a password in it.
-USER_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAUSERKEY7F3Q9EXAMPLE", "AWS_SECRET_ACCESS_KEY": "user-secret-key-3f9a0c",
+USER_SECRETS = {"AWS_ACCESS_KEY_ID": "fake-user-access-key-id", "AWS_SECRET_ACCESS_KEY": "user-secret-key-3f9a0c",
                 "AWS_SESSION_TOKEN": "user-session-token-77c1b2", "AWS_SECURITY_TOKEN": "user-security-token-1d2e",
                 "GEOCLIP_TEST_DB_PASSWORD": "user-db-password-5e6f",
                 "GEOCLIP_TEST_DB_URI": "postgresql://geo:user-uri-password-9b8c@db.example.org/geoclip"}
