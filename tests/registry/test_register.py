@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
+import multiprocessing
 import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -341,26 +341,32 @@ def test_registering_the_same_run_again_returns_its_version_not_a_new_one(params
     assert register(params)["version"] == first["version"]
 
 
+def _gate_in_a_process(tracking_uri: str, register_params, version: str, value: float, barrier, results) -> None:
+    """One racer: its own process and client, released with the others by the barrier."""
+    client = MlflowClient(tracking_uri)
+    barrier.wait()
+    try:
+        results[version] = gate_version(client, register_params, version, value)
+    except Exception as exc:  # reported by the test with the others' results
+        results[version] = {"alias": "error", "reason": f"{type(exc).__name__}: {exc}"}
+
+
 def test_concurrent_gates_never_both_take_the_empty_champion_seat(params):
-    """Eight registrations gated at the same moment: one becomes the first champion, the others compare with it."""
+    """Five registrations in five processes gated at the same moment: one becomes the first champion."""
     name = params.register.model_name
     setup = MlflowClient(params.mlflow.tracking_uri)
-    values = [0.50 + 0.01 * i for i in range(8)]
+    values = [0.50 + 0.01 * i for i in range(5)]
     versions = [bare_version(setup, name, v) for v in values]
-    barrier = threading.Barrier(len(versions))
-    results: dict[str, dict] = {}
-
-    def gate(version: str, value: float) -> None:
-        client = MlflowClient(params.mlflow.tracking_uri)  # one client per racer, as separate processes have
-        barrier.wait()
-        try:
-            results[version] = gate_version(client, params.register, version, value)
-        except Exception as exc:  # reported below with the others' results
-            results[version] = {"alias": "error", "reason": f"{type(exc).__name__}: {exc}"}
-
-    threads = [threading.Thread(target=gate, args=(v, x)) for v, x in zip(versions, values)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no shared client, session or lock
+    with ctx.Manager() as manager:
+        barrier, shared = manager.Barrier(len(versions)), manager.dict()
+        racers = [ctx.Process(target=_gate_in_a_process,
+                              args=(params.mlflow.tracking_uri, params.register, v, x, barrier, shared))
+                  for v, x in zip(versions, values)]
+        [r.start() for r in racers]
+        [r.join(timeout=300) for r in racers]
+        assert [r.exitcode for r in racers] == [0] * len(racers)
+        results: dict[str, dict] = dict(shared)
     assert not [r for r in results.values() if r["alias"] == "error"], results
     assert sum("no champion yet" in r["reason"] for r in results.values()) == 1, results
     history = champion_history(setup, name)
