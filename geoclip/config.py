@@ -55,13 +55,18 @@ class IngestConfig:
     """Where the raw tiles come from and how their bands are ordered."""
 
     # "synthetic" (generated, see synth), a folder (EuroSAT_MS <Class>/*.tif, EuroSATallBands .../tif/<Class>/*.tif),
-    # a .csv/.parquet manifest (path or URI, class, optional split, extra columns), or an s3:// prefix or manifest
-    source: str = "synthetic"
+    # a .csv/.parquet manifest (path or URI, class, optional split, extra columns), or an s3:// prefix or manifest;
+    # or a list of these, e.g. [synthetic, /data/EuroSAT_MS]: one dataset, each tile's source in labels.csv
+    source: str | list[str] = "synthetic"
     band_names: list[str] = field(default_factory=lambda: list(ALL_BAND_NAMES))  # the source files' band order
     workers: int = 8  # parallel copies / downloads
     # A manifest's rows must stay inside its folder (s3://: its bucket and prefix): a hostile or mistaken manifest
     # cannot pull /etc/... or another bucket's objects into the dataset. true: any path or URI is allowed.
     allow_outside_paths: bool = False
+
+    def sources(self) -> list[str]:
+        """``source`` as a list (one source or several)."""
+        return [self.source] if isinstance(self.source, str) else list(self.source)
 
 
 @dataclass(frozen=True)
@@ -293,6 +298,10 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
 
 def _validate(p: Params, source: str) -> None:
     """Cross-field checks that types alone cannot express."""
+    sources = p.ingest.sources()
+    if not sources or any(not s.strip() for s in sources) or len(set(sources)) != len(sources):
+        raise GeoclipError(f"ingest.source: {p.ingest.source!r}; expected one source or a list of distinct, "
+                           "non-empty sources (synthetic, a folder, a manifest, s3://...)")
     if len(set(p.ingest.band_names)) != len(p.ingest.band_names) or not p.ingest.band_names:
         raise GeoclipError(f"ingest.band_names: expected distinct band names, got {p.ingest.band_names}")
     bad = [b for b in p.bands if b not in p.ingest.band_names]

@@ -1,12 +1,15 @@
-"""Ingest: bring labelled tiles from any supported source into the canonical raw layout under ``paths.raw``.
+"""Ingest: bring labelled tiles from one or several sources into the canonical raw layout under ``paths.raw``.
 
-Sources (``ingest.source``): ``synthetic``; a local folder of class folders at any depth (EuroSAT_MS,
-EuroSATallBands, a plain folder per class); a .csv/.parquet manifest; the same behind ``s3://``.
+Sources (``ingest.source``, one or a list): ``synthetic``; a local folder of class folders at any depth
+(EuroSAT_MS, EuroSATallBands, a plain folder per class); a .csv/.parquet manifest; the same behind ``s3://``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -15,6 +18,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pandas as pd
+import rasterio
 from tqdm import tqdm
 
 from geoclip.bands import ALL_BAND_NAMES
@@ -35,7 +39,8 @@ from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_dir, write_json
 
 SPLITS = ("train", "val", "test")
-CORE_COLUMNS = ("id", "path", "class", "split")
+CORE_COLUMNS = ("id", "path", "class", "split", "source", "source_path")
+SYNTHETIC = "synthetic"
 
 
 def ingest(params: Params) -> dict:
@@ -46,26 +51,115 @@ def ingest(params: Params) -> dict:
     the previous ``paths.raw`` untouched and no partial data. Only a folder ingest wrote itself is replaced:
     a file it did not write (one not listed in its ``ingest.json``) is refused, never deleted. Tiles of a folder
     source get the id ``<Class>_<stem>`` (the stem alone when it already starts with ``<Class>_``, as EuroSAT's do);
-    manifest tiles keep their ``id`` column, else the file stem. Every tile is checked to be a raster with the
-    expected band names (a local one before it is copied).
+    manifest tiles keep their ``id`` column, else the file stem. With several sources every id is prefixed with
+    its source's name (``eurosat_ms_train-AnnualCrop_12``) and ``labels.csv`` names each tile's ``source``.
+    Every tile is checked to be a raster with the expected band names (a local one before it is copied); a tile
+    whose pixels repeat an earlier tile's (the same image listed twice, in one source or two) is kept once.
     """
     cfg, start = params.ingest, time.perf_counter()
-    if cfg.source == "synthetic":
+    sources = cfg.sources()
+    if sources == [SYNTHETIC]:
         return _ingest_synthetic(params, start)
     if cfg.workers < 1:
         raise GeoclipError(f"ingest.workers: {cfg.workers}; expected at least 1")
-    tiles, is_manifest = _list_source(cfg.source, Path(params.paths.raw), cfg.allow_outside_paths)
-    labels = _labels(tiles, cfg.source, is_manifest, list(params.classes.names))
-    raw = Path(params.paths.raw)
-    with atomic_dir(raw, check=refuse_unwritten) as tmp:
-        _fetch_all(tiles["path"].tolist(), [tmp / p for p in labels["path"]], labels["class"].tolist(),
-                   list(cfg.band_names), cfg.workers)
+    raw, several = Path(params.paths.raw), len(sources) > 1
+    names = source_names(sources)
+    # Every source is listed and checked before anything is written: a missing one fails the run, not half of it.
+    listed = {src: _listed(src, raw, params, names[src] + "-" if several else "") for src in sources if src != SYNTHETIC}
+    _check_split_columns(listed, SYNTHETIC in sources)
+    synthetic = params.paths.synthetic_dir()
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(raw, check=refuse_unwritten))
+        parts = []
+        if SYNTHETIC in sources:
+            parts.append(_write_synthetic(tmp, stack.enter_context(atomic_dir(synthetic, check=refuse_unwritten)),
+                                          params, names[SYNTHETIC] + "-" if several else ""))
+        for src, (tiles, labels) in listed.items():
+            digests = _fetch_all(tiles["path"].tolist(), [tmp / p for p in labels["path"]], labels["class"].tolist(),
+                                 list(cfg.band_names), cfg.workers)
+            parts.append(labels.assign(source=src, _digest=digests))
+        labels, dropped = drop_repeated_tiles(pd.concat(parts, ignore_index=True), tmp)
+        labels = labels[[c for c in labels.columns if c not in ("source", "source_path")]
+                        + [c for c in ("source", "source_path") if c in labels.columns]]
         labels.to_csv(tmp / LABELS_FILE, index=False)
         write_json(tmp / BANDS_FILE, {"band_names": list(cfg.band_names)})
         record_written(tmp)
     # The synthetic scenes are another folder: left as they are (a DVC output of this stage, so it must exist).
-    params.paths.synthetic_dir().mkdir(parents=True, exist_ok=True)
-    return _summary(params, labels, start)
+    synthetic.mkdir(parents=True, exist_ok=True)
+    return _summary(params, labels, start) | {"repeated_tiles_dropped": dropped}
+
+
+def source_names(sources: list[str]) -> dict[str, str]:
+    """A short file-name-safe name per source (``synthetic``, a folder's or manifest's name, an S3 prefix's last
+    part), made unique with ``-2``, ``-3``... in list order; used as the tiles' id prefix when sources are mixed."""
+    names: dict[str, str] = {}
+    for src in sources:
+        base = SYNTHETIC if src == SYNTHETIC else Path(src.rstrip("/")).stem or "source"
+        base = re.sub(r"[^A-Za-z0-9_.]+", "_", base).lstrip(".") or "source"
+        name, n = base, 1
+        while name in names.values():
+            n += 1
+            name = f"{base}-{n}"
+        names[src] = name
+    return names
+
+
+def _listed(src: str, raw: Path, params: Params, id_prefix: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One non-synthetic source's tiles (where they are) and labels (where they go), ids prefixed."""
+    tiles, is_manifest = _list_source(src, raw, params.ingest.allow_outside_paths)
+    labels = _labels(tiles, src, is_manifest, list(params.classes.names))
+    labels["source_path"] = tiles["path"].to_numpy()  # provenance: where each tile was ingested from
+    if id_prefix:
+        labels["id"] = id_prefix + labels["id"]
+        labels["path"] = [f"tiles/{c}/{i}.tif" for c, i in zip(labels["class"], labels["id"])]
+    return tiles, labels
+
+
+def _check_split_columns(listed: dict[str, tuple[pd.DataFrame, pd.DataFrame]], synthetic: bool) -> None:
+    """Splits come from every source's manifest or from none: prepare cannot split half a dataset."""
+    given = {src: "split" in labels.columns for src, (_, labels) in listed.items()} | (
+        {SYNTHETIC: False} if synthetic else {})
+    if len(set(given.values())) > 1:
+        with_split, without = [s for s, g in given.items() if g], [s for s, g in given.items() if not g]
+        raise GeoclipError(f"ingest.source: {with_split} give a split column but {without} do not; give every "
+                           f"source's tiles a split, or none (prepare then splits them all)")
+
+
+def _write_synthetic(tmp: Path, tmp_scenes: Path, params: Params, id_prefix: str) -> pd.DataFrame:
+    """Generate the synthetic tiles into ``tmp`` (and scenes into ``tmp_scenes``) as one source of a mix."""
+    from geoclip.data.synth import write_synthetic
+
+    if list(params.ingest.band_names) != list(ALL_BAND_NAMES):
+        raise GeoclipError(f"ingest.band_names: {list(params.ingest.band_names)}; synthetic tiles are written in "
+                           f"EuroSAT order {list(ALL_BAND_NAMES)}: use that order when ingest.source has 'synthetic'")
+    labels, _ = write_synthetic(tmp, tmp_scenes, params, id_prefix)
+    record_written(tmp_scenes)
+    return labels.assign(source=SYNTHETIC)
+
+
+def drop_repeated_tiles(labels: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, int]:
+    """Keep one of the tiles of different sources with the same pixels (``_digest``; synthetic rows have none): the
+    first source's; delete the repeats' copies under ``root``. A repeat with another class is refused, naming both.
+
+    Repeats inside one source are the source's own business: prepare refuses them if they land in two splits.
+    """
+    seen = labels.dropna(subset=["_digest"]) if "_digest" in labels.columns else labels.iloc[:0].assign(_digest="")
+    first_source = seen.groupby("_digest")["source"].transform("first")
+    repeat = seen["source"] != first_source
+    first = seen[~repeat].drop_duplicates("_digest").set_index("_digest")
+    for i in seen.index[repeat]:
+        row, kept = labels.loc[i], first.loc[seen.at[i, "_digest"]]
+        if row["class"] != kept["class"]:
+            raise GeoclipError(f"{row['source_path']} ({row['class']}, from {row['source']}) has the same pixels as "
+                               f"{kept['source_path']} ({kept['class']}, from {kept['source']}); one image cannot "
+                               f"have two classes: fix one label or drop one tile")
+        (root / row["path"]).unlink()
+    dropped = int(repeat.sum())
+    if dropped:
+        print(f"ingest: {dropped} tile(s) repeat the pixels of a tile of an earlier source and were kept once",
+              file=sys.stderr)
+    out = labels.drop(index=seen.index[repeat]).drop(columns=["_digest"], errors="ignore")
+    return out.reset_index(drop=True), dropped
 
 
 def _ingest_synthetic(params: Params, start: float) -> dict:
@@ -196,8 +290,9 @@ def _check_rows(df: pd.DataFrame, where: str, col: str, ok, expected: str) -> No
                            f"expected {expected}" + (f" ({len(bad)} rows like this)" if len(bad) > 1 else ""))
 
 
-def _copy(src: str, dst: Path, client, band_names: list[str]) -> None:
-    """Copy one tile from a local path or ``s3://`` URI to ``dst``, checking it is a raster with ``band_names``.
+def _copy(src: str, dst: Path, client, band_names: list[str]) -> str:
+    """Copy one tile from a local path or ``s3://`` URI to ``dst``, checking it is a raster with ``band_names``;
+    return the digest of its pixels (:func:`pixel_digest`).
 
     A local file is checked before it is copied (a FIFO or a device listed as a tile is never read to its end);
     an S3 object is fetched first (into the temporary folder, never into ``paths.raw``) and checked there.
@@ -205,7 +300,7 @@ def _copy(src: str, dst: Path, client, band_names: list[str]) -> None:
     if s3.is_s3(src):
         s3.download_small(src, dst, client)
         _check_bands(src, dst, band_names)
-        return
+        return pixel_digest(dst, src)
     if not os.path.exists(src):
         raise GeoclipError(f"{src}: no such file (listed by ingest.source)")
     if not os.path.isfile(src):
@@ -217,10 +312,24 @@ def _copy(src: str, dst: Path, client, band_names: list[str]) -> None:
         raise GeoclipError(f"{src}: no such file (listed by ingest.source)") from exc
     except OSError as exc:
         raise GeoclipError(f"{src}: cannot copy ({exc.strerror or exc})") from exc
+    return pixel_digest(dst, src)
 
 
-def _fetch_all(srcs: list[str], dsts: list[Path], classes: list[str], band_names: list[str], workers: int) -> None:
-    """Copy and check every tile; the first tile of each class goes first, so a wrong band order fails fast."""
+def pixel_digest(path: Path, name: str) -> str:
+    """SHA-256 of a tile's shape, data type and pixels: equal for one image stored twice, whatever the file's
+    compression, tags or georeferencing (``name`` is the source named in errors)."""
+    try:
+        with rasterio.open(path) as src:
+            data = src.read()
+    except rasterio.errors.RasterioError as exc:
+        raise GeoclipError(f"{name}: unreadable raster ({str(exc).splitlines()[0]})") from exc
+    return hashlib.sha256(f"{data.shape}{data.dtype}".encode() + data.tobytes()).hexdigest()
+
+
+def _fetch_all(srcs: list[str], dsts: list[Path], classes: list[str], band_names: list[str], workers: int
+               ) -> list[str]:
+    """Copy and check every tile; return their pixel digests in order. The first tile of each class goes first,
+    so a wrong band order fails fast."""
     for folder in {d.parent for d in dsts}:
         folder.mkdir(parents=True, exist_ok=True)
     first_of_class: dict[str, int] = {}
@@ -229,15 +338,17 @@ def _fetch_all(srcs: list[str], dsts: list[Path], classes: list[str], band_names
     first = sorted(first_of_class.values())
     rest = sorted(set(range(len(srcs))) - set(first))
     client = s3.client() if any(s3.is_s3(s) for s in srcs) else None  # one client: boto3 sessions are not thread-safe
+    digests: list[str] = [""] * len(srcs)
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(srcs), desc="ingest", unit="tile") as bar:
         for batch in (first, rest):
-            futures = {pool.submit(_copy, srcs[i], dsts[i], client, band_names): n for n, i in enumerate(batch)}
+            futures = {pool.submit(_copy, srcs[i], dsts[i], client, band_names): i for i in batch}
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for f in pending:
                 f.cancel()  # stop queued copies at the first failure
             for f in sorted(done, key=futures.__getitem__):  # the first failing tile in listing order
-                f.result()
+                digests[futures[f]] = f.result()
             bar.update(len(done))
+    return digests
 
 
 def _check_bands(src: str, local: Path, expected: list[str]) -> None:
@@ -262,5 +373,7 @@ def _summary(params: Params, labels: pd.DataFrame, start: float) -> dict:
             "missing_classes": [c for c in params.classes.names if c not in counts.index],
             "splits": ({s: int(n) for s, n in labels["split"].value_counts().sort_index().items()}
                        if "split" in labels.columns else None),
+            "sources": ({str(k): int(n) for k, n in labels["source"].value_counts(sort=False).items()}
+                        if "source" in labels.columns else None),
             "metadata_columns": [c for c in labels.columns if c not in CORE_COLUMNS],
             "band_names": list(params.ingest.band_names), "labels": LABELS_FILE, "seconds": seconds}

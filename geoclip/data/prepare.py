@@ -89,7 +89,8 @@ def stratified_split(classes: pd.Series, val_fraction: float, test_fraction: flo
         n_val = max(1, round(len(idx) * val_fraction))
         n_test = max(1, round(len(idx) * test_fraction))
         if len(idx) < n_val + n_test + 1:
-            raise GeoclipError(f"class {name!r}: {len(idx)} tile(s), need at least {n_val + n_test + 1} to split")
+            raise GeoclipError(f"class {name!r}: {len(idx)} tile(s), need at least {n_val + n_test + 1} to split "
+                               f"(add tiles, or lower prepare.val_fraction / test_fraction)")
         split[idx[:n_val]] = "val"
         split[idx[n_val:n_val + n_test]] = "test"
         split[idx[n_val + n_test:]] = "train"
@@ -249,8 +250,16 @@ def assign_splits(df: pd.DataFrame, paths: list[Path], params: Params) -> str:
         df["location"] = tile_locations(df, paths, p.spatial_block_m, p.workers)
         df["split"] = spatial_split(df["location"], df["label"], p.val_fraction, p.test_fraction, p.seed)
     else:
-        df["split"] = stratified_split(df["class"], p.val_fraction, p.test_fraction, p.seed)
+        df["split"] = stratified_split(split_strata(df), p.val_fraction, p.test_fraction, p.seed)
     return p.split
+
+
+def split_strata(df: pd.DataFrame) -> pd.Series:
+    """What a stratified split balances: the class, and the source too when tiles come from several (so real
+    tiles reach validation and test in their share, not by chance)."""
+    if "source" not in df.columns or df["source"].nunique(dropna=False) < 2:
+        return df["class"]
+    return df["class"] + " from " + df["source"].fillna("?").astype(str)
 
 
 def prepare(params: Params) -> Path:
@@ -308,6 +317,19 @@ def band_stats(images: np.ndarray, chunk: int = 512) -> tuple[list[float], list[
     mean = total / max(count, 1)
     std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean ** 2, 1e-6))
     return mean.tolist(), std.tolist()
+
+
+SYNTHETIC_SOURCE = "synthetic"
+
+
+def split_origins(prepared_dir: str | Path, split: str) -> np.ndarray | None:
+    """Per tile of ``split``'s pack, ``"synthetic"`` or ``"real"`` (from index.csv's ``source``); None for data
+    prepared before sources were recorded."""
+    index = pd.read_csv(Path(prepared_dir) / "index.csv", dtype=str, keep_default_na=False)
+    if "source" not in index.columns:
+        return None
+    sources = index.loc[index["split"] == split, "source"].to_numpy()  # index.csv rows are in pack order
+    return np.where(sources == SYNTHETIC_SOURCE, "synthetic", "real")
 
 
 def load_split(prepared_dir: str | Path, split: str) -> PreparedData:

@@ -72,22 +72,23 @@ def _tile_origin(index: int, size: int) -> tuple[float, float]:
     return 200_000.0 + (index % ROW_TILES) * step, 5_900_000.0 - (index // ROW_TILES) * step
 
 
-def _write_tiles(root: Path, names: list[str], params: Params, bar: tqdm) -> pd.DataFrame:
-    """Write ``tiles/<Class>/<Class>_<n>.tif`` for every class; return the labels table."""
+def _write_tiles(root: Path, names: list[str], params: Params, bar: tqdm, id_prefix: str = "") -> pd.DataFrame:
+    """Write ``tiles/<Class>/<id_prefix><Class>_<n>.tif`` for every class; return the labels table."""
     s, rows = params.synth, []
     for name in names:
         ci = EUROSAT_CLASSES.index(name)  # seeds by EuroSAT index: a tile does not depend on the class list
-        (root / "tiles" / name).mkdir(parents=True)
+        (root / "tiles" / name).mkdir(parents=True, exist_ok=True)
         surfaces = np.stack([tx.surface(np.random.default_rng([s.seed, ci, n]), name, s.tile_size, s.tile_size)
                              for n in range(1, s.tiles_per_class + 1)])
         data_all = tx.sensor(np.random.default_rng([s.seed, ci, 0]), surfaces)  # one batched call: much faster
         for n, data in enumerate(data_all, start=1):
             x0, y0 = _tile_origin(ci * s.tiles_per_class + n - 1, s.tile_size)
-            rel = f"tiles/{name}/{name}_{n}.tif"
+            tile_id = f"{id_prefix}{name}_{n}"
+            rel = f"tiles/{name}/{tile_id}.tif"
             _write(root / rel, data, _profile(s.tile_size, len(ALL_BAND_NAMES), "uint16", s.epsg, x0, y0,
                                               interleave="pixel"), ALL_BAND_NAMES)
             half = s.tile_size * PIXEL_M / 2
-            rows.append({"id": f"{name}_{n}", "path": rel, "class": name, "x": x0 + half, "y": y0 - half})
+            rows.append({"id": tile_id, "path": rel, "class": name, "x": x0 + half, "y": y0 - half})
             bar.update(1)
     return pd.DataFrame(rows, columns=["id", "path", "class", "x", "y"])
 
@@ -142,37 +143,49 @@ def generate(params: Params) -> dict:
     Scenes are kept out of ``paths.raw`` so a later ingest of real tiles, which replaces that folder, leaves them
     (and scoring's default ``score.scenes``) alone; scoring finds each truth map in ``truth/`` beside ``scenes/``.
     """
-    names, s = _check(params), params.synth
     raw, synthetic, start = Path(params.paths.raw), params.paths.synthetic_dir(), time.perf_counter()
-    scenes = []
+    _check(params)
     # Both folders are checked (nothing of the user's inside) before any work; the scenes are swapped in first.
     with atomic_dir(raw, check=refuse_unwritten) as tmp, atomic_dir(synthetic, check=refuse_unwritten) as tmp_scenes:
-        tmp.chmod(0o755)  # a temp dir is private; the data folder it becomes should not be
-        with tqdm(total=len(names) * s.tiles_per_class, desc="synth tiles", unit="tile") as bar:
-            labels = _write_tiles(tmp, names, params, bar)
+        labels, scenes = write_synthetic(tmp, tmp_scenes, params)
+        labels = labels.assign(source="synthetic")
         labels.to_csv(tmp / LABELS_FILE, index=False)
         write_json(tmp / BANDS_FILE, {"band_names": list(ALL_BAND_NAMES)})  # the order _write_tiles uses
-        (tmp_scenes / "scenes").mkdir()
-        (tmp_scenes / "truth").mkdir()
-        for k in tqdm(range(1, s.n_scenes + 1), desc="synth scenes", unit="scene"):
-            data, truth = render_scene(np.random.default_rng([s.seed, 1000 + k]), s.scene_size, names)
-            x0, y0 = 300_000.0 + (k - 1) * (s.scene_size * PIXEL_M + 5000), 5_000_000.0
-            opts = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "zlevel": 1}
-            _write(tmp_scenes / "scenes" / f"scene_{k}.tif", data,
-                   _profile(s.scene_size, data.shape[0], "uint16", s.epsg, x0, y0, nodata=0, predictor=2,
-                            interleave="pixel", **opts), ALL_BAND_NAMES)
-            _write(tmp_scenes / "truth" / f"scene_{k}_truth.tif", truth[None],
-                   _profile(s.scene_size, 1, "uint8", s.epsg, x0, y0, nodata=TRUTH_NODATA, **opts), ("class",))
-            scenes.append(str(synthetic / "scenes" / f"scene_{k}.tif"))
         record_written(tmp)
         record_written(tmp_scenes)
     seconds = round(time.perf_counter() - start, 1)
     print(f"synth: {len(labels)} tiles written to {raw} and {len(scenes)} scene(s) to {synthetic} in {seconds} s",
           file=sys.stderr)  # stderr, beside the progress bars: stdout stays for the CLI's JSON summary
-    return {"raw": str(raw), "tiles": len(labels), "classes": names, "tiles_per_class": s.tiles_per_class,
-            "labels": LABELS_FILE, "synthetic": str(synthetic), "scenes": scenes,
-            "truth": [str(synthetic / "truth" / f"scene_{k}_truth.tif") for k in range(1, s.n_scenes + 1)],
-            "seconds": seconds}
+    return {"raw": str(raw), "tiles": len(labels), "classes": list(params.classes.names),
+            "tiles_per_class": params.synth.tiles_per_class, "labels": LABELS_FILE, "synthetic": str(synthetic),
+            "scenes": [str(synthetic / "scenes" / Path(p).name) for p in scenes],
+            "truth": [str(synthetic / "truth" / f"{Path(p).stem}_truth.tif") for p in scenes], "seconds": seconds}
+
+
+def write_synthetic(raw_tmp: Path, scenes_tmp: Path, params: Params, id_prefix: str = "") -> tuple[pd.DataFrame, list[Path]]:
+    """Write the synthetic tiles under ``raw_tmp`` and the scenes with truth maps under ``scenes_tmp``.
+
+    Returns the tiles' labels (``id, path, class, x, y``) and the scene files written. Callers own the folders
+    (ingest writes them into temporary folders it swaps in whole).
+    """
+    names, s = _check(params), params.synth
+    raw_tmp.chmod(0o755)  # a temp dir is private; the data folder it becomes should not be
+    with tqdm(total=len(names) * s.tiles_per_class, desc="synth tiles", unit="tile") as bar:
+        labels = _write_tiles(raw_tmp, names, params, bar, id_prefix)
+    (scenes_tmp / "scenes").mkdir()
+    (scenes_tmp / "truth").mkdir()
+    scenes = []
+    for k in tqdm(range(1, s.n_scenes + 1), desc="synth scenes", unit="scene"):
+        data, truth = render_scene(np.random.default_rng([s.seed, 1000 + k]), s.scene_size, names)
+        x0, y0 = 300_000.0 + (k - 1) * (s.scene_size * PIXEL_M + 5000), 5_000_000.0
+        opts = {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "zlevel": 1}
+        scene = scenes_tmp / "scenes" / f"scene_{k}.tif"
+        _write(scene, data, _profile(s.scene_size, data.shape[0], "uint16", s.epsg, x0, y0, nodata=0, predictor=2,
+                                     interleave="pixel", **opts), ALL_BAND_NAMES)
+        _write(scenes_tmp / "truth" / f"scene_{k}_truth.tif", truth[None],
+               _profile(s.scene_size, 1, "uint8", s.epsg, x0, y0, nodata=TRUTH_NODATA, **opts), ("class",))
+        scenes.append(scene)
+    return labels, scenes
 
 
 # ---------------------------------------------------------------- calibration against real tiles

@@ -120,23 +120,56 @@ def expected_calibration_error(table: pd.DataFrame) -> float:
 
 
 
-def write_confusion(directory: Path, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> None:
-    """Write ``confusion.csv`` (actual,predicted per test tile) and a ``confusion.png`` matrix, atomically."""
-    plt = pyplot()
-    names = np.asarray(class_names)
-    with atomic_path(directory / CONFUSION_CSV) as tmp:
-        pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]}).to_csv(tmp, index=False)
-    n = len(class_names)
+def origin_scores(y_true: np.ndarray, y_pred: np.ndarray, origin: np.ndarray, val_true: np.ndarray,
+                  val_pred: np.ndarray, val_origin: np.ndarray, class_names: list[str]) -> dict:
+    """Test and val scores of the synthetic and the real tiles apart: ``{origin}_test_top1``, ``_test_macro_f1``,
+    ``_test_n`` and ``_val_top1`` for each origin present, and per-class precision/recall per origin."""
+    scalars, per_class = {}, {}
+    for name in ("synthetic", "real"):
+        test, val = origin == name, val_origin == name
+        if not test.any():
+            continue
+        per_class[name], macro_f1 = per_class_scores(y_true[test], y_pred[test], class_names)
+        scalars |= {f"{name}_test_top1": float((y_true[test] == y_pred[test]).mean()),
+                    f"{name}_test_macro_f1": macro_f1, f"{name}_test_n": int(test.sum())}
+        if val.any():
+            scalars[f"{name}_val_top1"] = float((val_true[val] == val_pred[val]).mean())
+    return {"scalars": scalars, "per_class": per_class}
+
+
+def _matrix(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> np.ndarray:
+    """Counts of (actual, predicted) pairs."""
     matrix = np.zeros((n, n), dtype=int)
     np.add.at(matrix, (y_true, y_pred), 1)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-                color="white" if v > matrix.max() / 2 else "black")
-    ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), class_names, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="actual", title="Test confusion matrix")
+    return matrix
+
+
+def write_confusion(directory: Path, y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str],
+                    origin: np.ndarray | None = None) -> None:
+    """Write ``confusion.csv`` (actual, predicted and, when known, synthetic/real origin per test tile) and a
+    ``confusion.png`` matrix (a second panel for the real tiles when the test split has both), atomically."""
+    plt = pyplot()
+    names = np.asarray(class_names)
+    table = pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]})
+    if origin is not None:
+        table["origin"] = origin
+    with atomic_path(directory / CONFUSION_CSV) as tmp:
+        table.to_csv(tmp, index=False)
+    n = len(class_names)
+    panels = [("Test confusion matrix", _matrix(y_true, y_pred, n))]
+    if origin is not None and len(set(origin)) > 1:
+        real = origin == "real"
+        panels = [("All test tiles", panels[0][1]), (f"Real test tiles ({int(real.sum())})",
+                                                     _matrix(y_true[real], y_pred[real], n))]
+    fig, axes = plt.subplots(1, len(panels), figsize=((1.0 + 0.6 * n) * len(panels), 0.8 + 0.6 * n), squeeze=False)
+    for ax, (title, matrix) in zip(axes[0], panels):
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if v > matrix.max() / 2 else "black")
+        ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), class_names, fontsize=8)
+        ax.set(xlabel="predicted", ylabel="actual", title=title)
     fig.tight_layout()
     save_png(fig, directory / CONFUSION_PNG)
 
@@ -194,7 +227,7 @@ def evaluate(params: Params) -> dict:
     scalar metrics and ``per_class``; the evaluate stage logs them to the training's MLflow run.
     """
     from geoclip.data.baselines import nearest_centroid_accuracy
-    from geoclip.data.prepare import load_split
+    from geoclip.data.prepare import load_split, split_origins
     from geoclip.model.clip import load_model
 
     check_inputs(params)
@@ -225,12 +258,20 @@ def evaluate(params: Params) -> dict:
                                                                  test.images, test.labels)),
         **retrieval_scores(test_emb, class_emb, y_true),
     }
+    test_origin = split_origins(params.paths.prepared, "test")
+    val_origin = split_origins(params.paths.prepared, "val")
+    if test_origin is not None and val_origin is not None:
+        by_origin = origin_scores(y_true, y_pred, test_origin, np.asarray(val.labels), val_probs.argmax(axis=1),
+                                  val_origin, names)
+        scalars.update(by_origin["scalars"])
+        per_class = {c: {**v, **{f"{o}_{k}": x for o, table in by_origin["per_class"].items()
+                                  for k, x in table[c].items()}} for c, v in per_class.items()}
     holdout = params.train.holdout_class
     if holdout:
         scalars.update(holdout_scores(test_probs, y_true, names, holdout))
     out = Path(params.paths.eval)
     out.mkdir(parents=True, exist_ok=True)
-    write_confusion(out, y_true, y_pred, names)
+    write_confusion(out, y_true, y_pred, names, test_origin)
     write_calibration(out, calibration, scalars["test_ece"])
     write_json(out / METRICS_FILE, scalars)
     write_json(out / PER_CLASS_FILE, per_class)

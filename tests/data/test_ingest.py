@@ -47,7 +47,7 @@ def test_real_eurosat_ms_folder(tmp_path, real_tiles):
     summary = ingest(params)
     assert summary["n_tiles"] == 100 and summary["n_classes"] == 10 and summary["missing_classes"] == []
     raw, labels, bands = raw_of(params)
-    assert list(labels.columns) == ["id", "path", "class"] and bands == list(ALL_BAND_NAMES)
+    assert list(labels.columns) == ["id", "path", "class", "source", "source_path"] and bands == list(ALL_BAND_NAMES)
     row = labels.set_index("id").loc["Forest_3"]
     assert row["path"] == "tiles/Forest/Forest_3.tif" and row["class"] == "Forest"
     assert filecmp.cmp(raw / row["path"], real_tiles / "Forest" / "Forest_3.tif", shallow=False)
@@ -98,7 +98,7 @@ def test_csv_manifest_keeps_split_and_metadata(tmp_path):
     assert summary["splits"] == {"test": 1, "train": 1, "val": 1}
     assert summary["metadata_columns"] == ["x", "y", "lat"]
     raw, labels, _ = raw_of(params)
-    assert list(labels.columns) == ["id", "path", "class", "split", "x", "y", "lat"]
+    assert list(labels.columns) == ["id", "path", "class", "split", "x", "y", "lat", "source", "source_path"]
     assert labels.loc[0, "path"] == "tiles/Forest/f1.tif" and labels.loc[0, "x"] == 500100.5
     with rasterio.open(raw / labels.loc[2, "path"]) as f:
         assert f.read(1)[0, 0] == 3  # the absolute path's tile, not another
@@ -112,7 +112,7 @@ def test_parquet_manifest_with_uri_column(tmp_path):
     ingest(params)
     _, labels, _ = raw_of(params)
     assert list(labels["id"]) == ["tile_0", "tile_1", "tile_2"] and list(labels["scene"]) == ["a", "b", "c"]
-    assert list(labels.columns) == ["id", "path", "class", "split", "scene"]
+    assert list(labels.columns) == ["id", "path", "class", "split", "scene", "source", "source_path"]
 
 
 @pytest.mark.parametrize("column, values, message", [
@@ -338,3 +338,84 @@ def test_cli_ingest(tmp_path, capsys):
     params_file.write_text(params_file.read_text().replace("/src", "/absent"))
     assert main(["--params", str(params_file), "ingest"]) == 2
     assert capsys.readouterr().err.startswith("error: ingest.source:")
+
+
+# ---------------------------------------------------------------- several sources in one dataset
+def test_synthetic_plus_a_real_folder_is_one_dataset_with_each_tiles_source(tmp_path, real_tiles):
+    """[synthetic, folder]: both written, ids prefixed by source name, each row's source kept, scenes generated."""
+    params = params_from_dict({"paths": {"raw": str(tmp_path / "raw")},
+                               "synth": {"tiles_per_class": 2, "n_scenes": 1, "scene_size": 64},
+                               "ingest": {"source": ["synthetic", str(real_tiles)], "workers": 2}})
+    summary = ingest(params)
+    assert summary["sources"] == {"synthetic": 20, str(real_tiles): 100} and summary["n_tiles"] == 120
+    raw, labels, _ = raw_of(params)
+    assert list(labels.columns)[-2:] == ["source", "source_path"]
+    real = labels[labels["source"] == str(real_tiles)].set_index("id")
+    row = real.loc[f"{real_tiles.name}-Forest_3"]
+    assert row["path"] == f"tiles/Forest/{real_tiles.name}-Forest_3.tif"
+    assert row["source_path"] == str(real_tiles / "Forest" / "Forest_3.tif")
+    assert filecmp.cmp(raw / row["path"], real_tiles / "Forest" / "Forest_3.tif", shallow=False)
+    synthetic = labels[labels["source"] == "synthetic"]
+    assert synthetic["id"].str.startswith("synthetic-").all() and synthetic["source_path"].isna().all()
+    assert all((raw / p).exists() for p in labels["path"]) and labels["id"].is_unique
+    assert (params.paths.synthetic_dir() / "scenes" / "scene_1.tif").exists()
+
+
+def test_a_missing_source_in_the_list_fails_before_anything_is_written(tmp_path):
+    tile(tmp_path / "a" / "Forest" / "Forest_1.tif")
+    params = params_from_dict({"classes": {"names": CLASSES}, "paths": {"raw": str(tmp_path / "raw")},
+                               "ingest": {"source": [str(tmp_path / "a"), str(tmp_path / "gone")]}})
+    with pytest.raises(GeoclipError, match=r"ingest.source: .*gone does not exist"):
+        ingest(params)
+    assert not Path(params.paths.raw).exists()
+
+
+def test_a_tile_repeated_across_sources_is_kept_once_from_the_first_source(tmp_path):
+    """The same image in two folders (re-exported with other tags): one tile, the first source's."""
+    tile(tmp_path / "a" / "Forest" / "Forest_1.tif", value=5)
+    tile(tmp_path / "a" / "River" / "River_1.tif", value=6)
+    tile(tmp_path / "b" / "Forest" / "x.tif", value=5, descriptions=ALL_BAND_NAMES)  # same pixels, other file bytes
+    tile(tmp_path / "b" / "SeaLake" / "SeaLake_9.tif", value=7)
+    params = params_from_dict({"classes": {"names": CLASSES}, "paths": {"raw": str(tmp_path / "raw")},
+                               "ingest": {"source": [str(tmp_path / "a"), str(tmp_path / "b")]}})
+    summary = ingest(params)
+    raw, labels, _ = raw_of(params)
+    assert summary["repeated_tiles_dropped"] == 1 and sorted(labels["id"]) == ["a-Forest_1", "a-River_1",
+                                                                                "b-SeaLake_9"]
+    assert sorted(p.name for p in (raw / "tiles").rglob("*.tif")) == ["a-Forest_1.tif", "a-River_1.tif",
+                                                                      "b-SeaLake_9.tif"]
+
+
+def test_one_image_with_two_classes_across_sources_is_refused_naming_both(tmp_path):
+    tile(tmp_path / "a" / "Forest" / "Forest_1.tif", value=5)
+    tile(tmp_path / "b" / "River" / "River_4.tif", value=5)
+    params = params_from_dict({"classes": {"names": CLASSES}, "paths": {"raw": str(tmp_path / "raw")},
+                               "ingest": {"source": [str(tmp_path / "a"), str(tmp_path / "b")]}})
+    with pytest.raises(GeoclipError, match=r"b/River/River_4.tif \(River, from .*\) has the same pixels as "
+                                           r".*a/Forest/Forest_1.tif \(Forest, "):
+        ingest(params)
+    assert not Path(params.paths.raw).exists()
+
+
+def test_splits_from_some_sources_but_not_others_are_refused(tmp_path):
+    src = _manifest_tiles(tmp_path)
+    (src / "m.csv").write_text("path,class,split\nt/tile_0.tif,Forest,train\nt/tile_1.tif,River,val\nt/tile_2.tif,SeaLake,test\n")
+    tile(tmp_path / "folder" / "Forest" / "Forest_1.tif", value=9)
+    params = params_from_dict({"classes": {"names": CLASSES}, "paths": {"raw": str(tmp_path / "raw")},
+                               "ingest": {"source": [str(src / "m.csv"), str(tmp_path / "folder")]}})
+    with pytest.raises(GeoclipError, match=r"give a split column but .*folder'\] do not"):
+        ingest(params)
+
+
+def test_source_names_are_unique_and_file_name_safe():
+    from geoclip.data.ingest import source_names
+
+    assert source_names(["synthetic", "/d/EuroSAT MS/", "/e/EuroSAT MS", "s3://b/p/m.csv"]) == {
+        "synthetic": "synthetic", "/d/EuroSAT MS/": "EuroSAT_MS", "/e/EuroSAT MS": "EuroSAT_MS-2",
+        "s3://b/p/m.csv": "m"}
+
+
+@pytest.mark.parametrize("source", [[], ["synthetic", "synthetic"], ["synthetic", " "]])
+def test_a_bad_source_list_is_refused(tmp_path, source):
+    with pytest.raises(GeoclipError, match="ingest.source: .*expected one source or a list of distinct"):
+        params_from_dict({"ingest": {"source": source}})

@@ -291,3 +291,18 @@ def test_real_tiles_ingest_validate_prepare_spatial_with_band_subset(tmp_path, r
     assert np.array_equal(test.images[0], source)  # the packs hold exactly the selected source bands
     assert (tmp_path / "reports" / "data_docs" / "index.html").exists()
     assert (tmp_path / "reports" / "data_docs_splits" / "index.html").exists()
+
+
+def test_a_stratified_split_of_several_sources_gives_every_split_its_share_of_each():
+    """Real tiles are a small minority beside synthetic ones: each class's real tiles still reach val and test."""
+    from geoclip.data.prepare import split_strata, stratified_split
+
+    df = pd.DataFrame({"class": ["Forest"] * 60 + ["River"] * 60,
+                       "source": (["synthetic"] * 50 + ["/data/real"] * 10) * 2})
+    split = stratified_split(split_strata(df), 0.15, 0.15, seed=0)
+    counts = df.assign(split=split).groupby(["class", "source", "split"]).size()
+    for cls in ("Forest", "River"):
+        assert [counts[(cls, "/data/real", s)] for s in ("train", "val", "test")] == [6, 2, 2]
+        assert [counts[(cls, "synthetic", s)] for s in ("train", "val", "test")] == [34, 8, 8]
+    one_source = df.assign(source="synthetic")
+    assert split_strata(one_source).equals(df["class"])  # one source: the split is exactly as before

@@ -202,3 +202,33 @@ def test_bad_ece_bins_raise_before_writing(tmp_path):
     with pytest.raises(GeoclipError, match="evaluate.ece_bins: 0; expected"):
         evaluate(replace(params, evaluate=replace(params.evaluate, ece_bins=0)))
     assert not (tmp_path / "eval").exists()
+
+
+def test_synthetic_and_real_test_tiles_are_scored_apart(tmp_path):
+    """index.csv names each tile's source: metrics, per-class and confusion rows split synthetic from real."""
+    params, run_id = _tiny_model_and_run(tmp_path)
+    index_path = Path(params.paths.prepared) / "index.csv"
+    index = pd.read_csv(index_path)
+    index["source"] = ["synthetic" if i % 2 else "/data/EuroSAT_MS" for i in range(len(index))]
+    index.to_csv(index_path, index=False)
+    metrics = evaluate(params)
+    confusion = pd.read_csv(tmp_path / "eval" / "confusion.csv")
+    assert list(confusion["origin"]) == ["synthetic" if i % 2 else "real"
+                                         for i in index.index[index["split"] == "test"]]
+    for origin in ("synthetic", "real"):
+        rows = confusion[confusion["origin"] == origin]
+        assert metrics[f"{origin}_test_n"] == len(rows) > 0
+        assert metrics[f"{origin}_test_top1"] == pytest.approx((rows["actual"] == rows["predicted"]).mean())
+        assert 0.0 <= metrics[f"{origin}_test_macro_f1"] <= 1.0 and f"{origin}_val_top1" in metrics
+    per_class = json.loads((tmp_path / "eval" / "per_class.json").read_text())
+    forest = confusion[(confusion["origin"] == "real") & (confusion["actual"] == CLASSES[0])]
+    assert per_class[CLASSES[0]]["real_recall"] == pytest.approx((forest["predicted"] == CLASSES[0]).mean())
+    logged = mlflow.MlflowClient(params.mlflow.resolved_tracking_uri()).get_run(run_id).data.metrics
+    assert logged["real_test_top1"] == pytest.approx(metrics["real_test_top1"])
+
+
+def test_data_prepared_without_sources_gets_no_origin_metrics(tmp_path):
+    params, _ = _tiny_model_and_run(tmp_path)
+    metrics = evaluate(params)
+    assert not [k for k in metrics if k.startswith(("real_", "synthetic_"))]
+    assert list(pd.read_csv(tmp_path / "eval" / "confusion.csv").columns) == ["actual", "predicted"]
