@@ -123,6 +123,12 @@ class TrainConfig:
     num_threads: int = 0  # 0: let torch decide
     warmup_fraction: float = 0.1  # share of all steps with a linear learning-rate warmup
     gain_noise: float = 0.05  # std of the random per-band gain in augmentation (0: off)
+    offset_noise: float = 0.0  # std of a random per-band offset, in band standard deviations (0: off)
+    pixel_noise: float = 0.0  # std of per-pixel noise, in band standard deviations (0: off)
+    crop_scale: float = 1.0  # random square crops of this share of the side up to all of it, resized (1: off)
+    # Share of every batch drawn from real tiles (those not from ingest source 'synthetic'), cycling through them
+    # while the synthetic ones are each seen once an epoch; 0: one plain shuffle of all tiles.
+    real_share: float = 0.0
     loss: str = "clip"  # "clip": label-aware softmax contrastive; "siglip": pairwise sigmoid
     encoder_args: dict[str, int | float | str | bool] = field(default_factory=dict)  # extra timm kwargs
     init_weights: str = ""  # local weights file for the image encoder ("" = random init)
@@ -312,6 +318,13 @@ def _validate(p: Params, source: str) -> None:
     if raw.is_relative_to(synthetic) or synthetic.is_relative_to(raw):
         raise GeoclipError(f"paths.synthetic: {p.paths.synthetic_dir()} overlaps paths.raw ({p.paths.raw}); expected "
                            f"two separate folders (ingest replaces each whole)")
+    t = p.train
+    for key, ok, expected in (("offset_noise", t.offset_noise >= 0, ">= 0"),
+                              ("pixel_noise", t.pixel_noise >= 0, ">= 0"),
+                              ("crop_scale", 0 < t.crop_scale <= 1, "in (0, 1]"),
+                              ("real_share", 0 <= t.real_share < 1, "in [0, 1)")):
+        if not ok:
+            raise GeoclipError(f"train.{key}: {getattr(t, key)}; expected a number {expected}")
     if p.train.loss not in ("clip", "siglip"):
         raise GeoclipError(f"train.loss: {p.train.loss!r}; expected 'clip' or 'siglip'")
     if p.train.holdout_class and p.train.holdout_class not in p.classes.names:

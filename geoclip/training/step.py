@@ -68,14 +68,16 @@ def lr_schedule(opt: torch.optim.Optimizer, total_steps: int, warmup_fraction: f
 def training_step(step_module: nn.Module, model: GeoCLIP, opt: torch.optim.Optimizer,
                   sched: torch.optim.lr_scheduler.LRScheduler, raw: torch.Tensor, labels: torch.Tensor,
                   cls_idx: torch.Tensor, *, loss_fn: Callable[..., torch.Tensor], generator: torch.Generator,
-                  gain_noise: float, bf16: bool, channels_last: bool, world: int = 1) -> torch.Tensor:
+                  gain_noise: float, bf16: bool, channels_last: bool, world: int = 1, offset_noise: float = 0.0,
+                  pixel_noise: float = 0.0, crop_scale: float = 1.0) -> torch.Tensor:
     """One optimisation step on raw tiles ``raw`` (labels: positions in ``cls_idx``); returns the detached loss.
 
     ``step_module`` is ``EmbeddingStep(model)``, possibly DDP-wrapped or compiled; ``generator`` is the CPU
     generator augmentation draws from; ``cls_idx`` picks the trained classes from the class embeddings; ``world``
-    ranks contribute to the loss. The loss stays on the device (reading it would wait for the GPU).
+    ranks contribute to the loss; ``offset_noise``, ``pixel_noise`` and ``crop_scale`` are :func:`augment`'s. The loss
+    stays on the device (reading it would wait for the GPU).
     """
-    x = augment(raw, generator, gain_noise)
+    x = augment(raw, generator, gain_noise, offset_noise, pixel_noise, model.band_std, crop_scale)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):

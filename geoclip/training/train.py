@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from geoclip.config import Params
-from geoclip.data.prepare import PreparedData, load_split
+from geoclip.data.prepare import PreparedData, load_split, split_origins
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
 from geoclip.model.clip import GeoCLIP, ModelConfig, build_model, save_model
@@ -49,7 +49,7 @@ from geoclip.training.train_data import (
     fits_on_device,
     kept_rows,
     loader_workers,
-    rank_batches,
+    mixed_batches,
     remap_labels,
     training_classes,
 )
@@ -174,6 +174,7 @@ class _Run:
     classes: list[int]  # the classes training contrasts (all but the held-out one)
     val_x: np.ndarray
     val_y: np.ndarray  # original class indices
+    is_real: np.ndarray  # per kept training tile: from a real source (train.real_share draws from these)
     generators: dict[str, torch.Generator]
     ckpt_path: Path
     fingerprint: dict | None  # rank 0 only
@@ -232,7 +233,8 @@ def _train_batches(run: _Run, prog: _Progress, batches: list[torch.Tensor]) -> N
         pending.append(training_step(run.step_module, run.model, run.opt, run.sched, raw,
                                      run.labels[idx.to(device)], cls_idx, loss_fn=loss_fn,
                                      generator=run.generators["augment"], gain_noise=cfg.gain_noise,
-                                     bf16=cuda, channels_last=cuda, world=run.world))
+                                     bf16=cuda, channels_last=cuda, world=run.world, offset_noise=cfg.offset_noise,
+                                     pixel_noise=cfg.pixel_noise, crop_scale=cfg.crop_scale))
         prog.batch, prog.step = prog.batch + 1, prog.step + 1
         bar.update(1)
         if prog.batch % 10 == 0:  # reading the loss waits for the GPU: only now and then
@@ -282,7 +284,7 @@ def _run_epochs(run: _Run, prog: _Progress) -> None:
     shuffle = run.generators["shuffle"]
     while not prog.finished and prog.epoch <= cfg.epochs:
         shuffle.set_state(prog.shuffle_state)  # replaying the epoch's shuffle lets a resume skip the done batches
-        batches = rank_batches(run.tiles.n, cfg.batch_size, run.rank, run.world, shuffle)
+        batches = mixed_batches(run.is_real, cfg.real_share, cfg.batch_size, run.rank, run.world, shuffle)
         next_shuffle = shuffle.get_state()
         _train_batches(run, prog, batches)
         if _end_epoch(run, prog, next_shuffle):
@@ -369,7 +371,9 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     model = _seeded_model(params, mcfg, device)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
     rows, val_rows = kept_rows(train_data.labels, classes), kept_rows(val_data.labels, classes)
-    per_epoch = len(rank_batches(len(rows), cfg.batch_size, rank, world, torch.Generator()))
+    origins = split_origins(params.paths.prepared, "train")
+    is_real = np.zeros(len(rows), dtype=bool) if origins is None else origins[rows] == "real"
+    per_epoch = len(mixed_batches(is_real, cfg.real_share, cfg.batch_size, rank, world, torch.Generator()))
     total = per_epoch * cfg.epochs
     sched = lr_schedule(opt, total, cfg.warmup_fraction)
     generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),  # identical on all ranks: disjoint shards
@@ -387,7 +391,7 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     tiles = _tiles(params, train_data, rows, device)
     labels = torch.from_numpy(remap_labels(train_data.labels[rows], classes)).to(device)
     run = _Run(params, rank, world, device, model, step_module, opt, sched, tiles, labels, classes,
-               np.asarray(val_data.images[val_rows]), np.asarray(val_data.labels)[val_rows], generators,
+               np.asarray(val_data.images[val_rows]), np.asarray(val_data.labels)[val_rows], is_real, generators,
                ckpt_path, fp)
     # Checkpoints from before the run log was generic name it mlflow_run_id.
     resumed_run_id = ckpt and (ckpt.get("run_id") or ckpt.get("mlflow_run_id"))

@@ -44,6 +44,36 @@ def rank_batches(n: int, batch_size: int, rank: int, world: int, gen: torch.Gene
     return [b for b in batches if len(b) * world >= 2]
 
 
+def mixed_batches(is_real: np.ndarray, share: float, batch_size: int, rank: int, world: int,
+                  gen: torch.Generator) -> list[torch.Tensor]:
+    """This rank's index batches for one epoch with ``share`` of every global batch drawn from the real tiles.
+
+    An epoch is one pass over the other (synthetic) tiles; the real ones are drawn from successive shuffles of
+    them, as many as the epoch needs (a few real tiles are seen many times, each time augmented anew). Without
+    both kinds of tiles, or at share 0, this is :func:`rank_batches`. The draws are the same on every rank (``gen``
+    is seeded alike); each global batch is shuffled, then split into equal shards.
+    """
+    real = torch.from_numpy(np.flatnonzero(is_real))
+    other = torch.from_numpy(np.flatnonzero(~np.asarray(is_real, dtype=bool)))
+    if share <= 0 or len(real) == 0 or len(other) == 0:
+        return rank_batches(len(is_real), batch_size, rank, world, gen)
+    n_real = max(1, round(batch_size * share))
+    n_other = max(1, batch_size - n_real)
+    steps = -(-len(other) // n_other)
+    other = other[torch.randperm(len(other), generator=gen)]
+    rounds = -(-steps * n_real // len(real))
+    real = torch.cat([real[torch.randperm(len(real), generator=gen)] for _ in range(rounds)])
+    local = max(1, batch_size // world)
+    batches = []
+    for i in range(steps):
+        both = torch.cat([real[i * n_real:(i + 1) * n_real], other[i * n_other:(i + 1) * n_other]])
+        both = both[torch.randperm(len(both), generator=gen)]
+        mine = both[rank * local:(rank + 1) * local] if len(both) >= world * local else both[rank::world]
+        if len(mine) * world >= 2:
+            batches.append(mine)
+    return batches
+
+
 def widen(x: torch.Tensor) -> torch.Tensor:
     """uint16 tiles stored bit-for-bit as int16 back to their int32 values (CUDA has few uint16 kernels)."""
     return x.to(torch.int32) & 0xFFFF

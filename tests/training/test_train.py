@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -99,6 +100,31 @@ def test_same_seed_same_weights(tmp_path):
         states.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_real_share_and_sentinel2_augmentation_train_reproducibly(tmp_path):
+    """The real-tile recipe (real share of each batch, offsets, noise, crops) is seeded like the rest; it changes
+    what training sees (other weights than the plain recipe)."""
+    make_packs(tmp_path / "prepared", per_class=12)
+    index_path = tmp_path / "prepared" / "index.csv"
+    index = pd.read_csv(index_path)
+    index["source"] = ["/data/EuroSAT_MS" if i % 4 == 0 else "synthetic" for i in range(len(index))]
+    index.to_csv(index_path, index=False)
+    recipe = {"real_share": 0.5, "offset_noise": 0.1, "pixel_noise": 0.05, "crop_scale": 0.75}
+    states = []
+    for name, extra in (("a", recipe), ("b", recipe), ("plain", {})):
+        d = tiny_params_dict(tmp_path, epochs=1, **extra)
+        d["paths"]["model"] = str(tmp_path / name)
+        train(params_from_dict(d))
+        states.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("key, value", [("real_share", 1.0), ("crop_scale", 0.0), ("pixel_noise", -0.1)])
+def test_recipe_params_out_of_range_are_named(tmp_path, key, value):
+    with pytest.raises(GeoclipError, match=f"train.{key}: {value}; expected a number"):
+        params_from_dict(tiny_params_dict(tmp_path, **{key: value}))
 
 
 def test_missing_packs_raise_geoclip_error(tmp_path):

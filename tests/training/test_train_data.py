@@ -12,6 +12,7 @@ from geoclip.training.train_data import (
     TrainTiles,
     fits_on_device,
     kept_rows,
+    mixed_batches,
     rank_batches,
     remap_labels,
     training_classes,
@@ -65,3 +66,25 @@ def test_pack_loader_serves_the_same_batches_as_device_tiles(tmp_path, workers):
         assert x.dtype == torch.int32 and torch.equal(x, y)
         assert torch.equal(x, torch.from_numpy(raw[rows[idx.numpy()]].astype(np.int32)))
     assert on_dev.nbytes == len(rows) * raw[0].nbytes and loader.nbytes == 0
+
+
+def test_mixed_batches_give_every_batch_its_real_share_and_each_synthetic_tile_once():
+    is_real = np.array([True] * 6 + [False] * 40)
+    shards = [mixed_batches(is_real, 0.25, 16, r, 2, torch.Generator().manual_seed(3)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 4  # 40 synthetic tiles, 12 a batch
+    synthetic = [i for s in shards for b in s for i in b.tolist() if i >= 6]
+    assert sorted(synthetic) == list(range(6, 46))  # each synthetic tile exactly once an epoch
+    for step in range(3):  # full batches: 4 real of 16, whatever rank holds them
+        both = torch.cat([shards[0][step], shards[1][step]]).tolist()
+        assert len(both) == 16 and sum(i < 6 for i in both) == 4
+    real = [i for s in shards for b in s for i in b.tolist() if i < 6]
+    assert set(real) == set(range(6)) and max(real.count(i) for i in range(6)) - min(real.count(i) for i in range(6)) <= 1
+    again = mixed_batches(is_real, 0.25, 16, 0, 2, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(again, shards[0]))  # seeded: a resume replays the epoch
+
+
+def test_mixed_batches_without_both_kinds_or_share_are_the_plain_shuffle():
+    for is_real, share in ((np.zeros(20, bool), 0.5), (np.ones(20, bool), 0.5), (np.arange(20) < 5, 0.0)):
+        plain = rank_batches(20, 8, 0, 1, torch.Generator().manual_seed(0))
+        mixed = mixed_batches(is_real, share, 8, 0, 1, torch.Generator().manual_seed(0))
+        assert all(torch.equal(a, b) for a, b in zip(plain, mixed)) and len(plain) == len(mixed)
