@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -88,8 +89,11 @@ def logistic(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray) -> np
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.1, 1, 10, 100], cv=3, max_iter=5000))
-    return model.fit(train_x, train_y).predict(test_x)
+    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.1, 1, 10, 100], cv=3, max_iter=5000,
+                                                                 scoring="accuracy"))
+    with warnings.catch_warnings():  # scikit-learn's notices of future defaults; the choices here are explicit
+        warnings.simplefilter("ignore", FutureWarning)
+        return model.fit(train_x, train_y).predict(test_x)
 
 
 def write_raw(raw: Path, rows: pd.DataFrame) -> None:
