@@ -324,8 +324,11 @@ SYNTHETIC_SOURCE = "synthetic"
 
 def split_origins(prepared_dir: str | Path, split: str) -> np.ndarray | None:
     """Per tile of ``split``'s pack, ``"synthetic"`` or ``"real"`` (from index.csv's ``source``); None for data
-    prepared before sources were recorded."""
-    index = pd.read_csv(Path(prepared_dir) / "index.csv", dtype=str, keep_default_na=False)
+    prepared before sources were recorded (or packs without an index)."""
+    path = Path(prepared_dir) / "index.csv"
+    if not path.exists():
+        return None
+    index = pd.read_csv(path, dtype=str, keep_default_na=False)
     if "source" not in index.columns:
         return None
     sources = index.loc[index["split"] == split, "source"].to_numpy()  # index.csv rows are in pack order
