@@ -33,7 +33,7 @@ from geoclip.config import Params, load_params, params_from_dict
 from geoclip.data.tiles import discover_tiles, read_tile
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REAL = [REPO.parent / "shared" / "data" / "eurosat_ms_dev", REPO.parent / "shared" / "data" / "eurosat_ms_train"]
+DEFAULT_REAL = [REPO.parent / "shared" / "data" / name for name in ("eurosat_ms_dev", "eurosat_ms_train")]
 BAND = {name: i for i, name in enumerate(ALL_BAND_NAMES)}
 
 
@@ -119,8 +119,8 @@ def run_geoclip(params: Params, work: Path, rows: pd.DataFrame) -> dict:
 
 
 def synthetic_rows(params: Params, work: Path) -> pd.DataFrame:
-    """Generate the synthetic tiles once (the pipeline's synth) and list them with a stratified split."""
-    from geoclip.data.prepare import stratified_split
+    """Generate the synthetic tiles once (the pipeline's synth) and list them: 15% of each class for validation,
+    the rest for training (a synthetic tile is never a test tile here)."""
     from geoclip.data.synth import generate
 
     p = replace(params, paths=replace(params.paths, raw=str(work / "synthetic_raw"),
@@ -129,8 +129,8 @@ def synthetic_rows(params: Params, work: Path) -> pd.DataFrame:
         generate(p)
     df = pd.read_csv(work / "synthetic_raw" / "labels.csv")
     df["path"] = [str((work / "synthetic_raw" / q).resolve()) for q in df["path"]]
-    df["split"] = stratified_split(df["class"], 0.15, 0.0001, params.prepare.seed)
-    df.loc[df["split"] == "test", "split"] = "val"  # synthetic tiles are never a test tile here
+    val = val_rows(df["class"], np.ones(len(df), dtype=bool), 0.15, params.prepare.seed)
+    df["split"] = np.where(val, "val", "train")
     return df.assign(source="synthetic")[["id", "path", "class", "split", "source"]]
 
 
@@ -179,9 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         from geoclip.training.evaluate import predict_probs
         from geoclip.model.clip import load_model
 
-        run_geoclip(params, args.work / "a", synthetic.assign(split=np.where(synthetic["split"] == "val", "val",
-                                                                                "train")).pipe(
-            lambda d: pd.concat([d, real.assign(split="test")], ignore_index=True)))
+        run_geoclip(params, args.work / "a", pd.concat([synthetic, real.assign(split="test")], ignore_index=True))
         model = load_model(args.work / "a" / "model")
         zero_shot = predict_probs(model, images, 256, tta=params.evaluate.tta).argmax(1)
     bs = params.train.batch_size

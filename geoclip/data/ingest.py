@@ -54,7 +54,7 @@ def ingest(params: Params) -> dict:
     manifest tiles keep their ``id`` column, else the file stem. With several sources every id is prefixed with
     its source's name (``eurosat_ms_train-AnnualCrop_12``) and ``labels.csv`` names each tile's ``source``.
     Every tile is checked to be a raster with the expected band names (a local one before it is copied); a tile
-    whose pixels repeat an earlier tile's (the same image listed twice, in one source or two) is kept once.
+    whose pixels repeat a tile of an earlier source is kept once (see :func:`drop_repeated_tiles`).
     """
     cfg, start = params.ingest, time.perf_counter()
     sources = cfg.sources()
@@ -65,18 +65,22 @@ def ingest(params: Params) -> dict:
     raw, several = Path(params.paths.raw), len(sources) > 1
     names = source_names(sources)
     # Every source is listed and checked before anything is written: a missing one fails the run, not half of it.
-    listed = {src: _listed(src, raw, params, names[src] + "-" if several else "") for src in sources if src != SYNTHETIC}
+    prefix = {src: names[src] + "-" if several else "" for src in sources}
+    listed = {src: _listed(src, raw, params, prefix[src]) for src in sources if src != SYNTHETIC}
     _check_split_columns(listed, SYNTHETIC in sources)
+    if SYNTHETIC in sources:
+        _require_synthetic_band_order(params)
     synthetic = params.paths.synthetic_dir()
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(raw, check=refuse_unwritten))
         parts = []
         if SYNTHETIC in sources:
             parts.append(_write_synthetic(tmp, stack.enter_context(atomic_dir(synthetic, check=refuse_unwritten)),
-                                          params, names[SYNTHETIC] + "-" if several else ""))
+                                          params, prefix[SYNTHETIC]))
         for src, (tiles, labels) in listed.items():
+            # Pixel digests find repeats across sources: one source alone skips the extra read of every tile.
             digests = _fetch_all(tiles["path"].tolist(), [tmp / p for p in labels["path"]], labels["class"].tolist(),
-                                 list(cfg.band_names), cfg.workers)
+                                 list(cfg.band_names), cfg.workers, digest=several)
             parts.append(labels.assign(source=src, _digest=digests))
         labels, dropped = drop_repeated_tiles(pd.concat(parts, ignore_index=True), tmp)
         labels = labels[[c for c in labels.columns if c not in ("source", "source_path")]
@@ -129,9 +133,6 @@ def _write_synthetic(tmp: Path, tmp_scenes: Path, params: Params, id_prefix: str
     """Generate the synthetic tiles into ``tmp`` (and scenes into ``tmp_scenes``) as one source of a mix."""
     from geoclip.data.synth import write_synthetic
 
-    if list(params.ingest.band_names) != list(ALL_BAND_NAMES):
-        raise GeoclipError(f"ingest.band_names: {list(params.ingest.band_names)}; synthetic tiles are written in "
-                           f"EuroSAT order {list(ALL_BAND_NAMES)}: use that order when ingest.source has 'synthetic'")
     labels, _ = write_synthetic(tmp, tmp_scenes, params, id_prefix)
     record_written(tmp_scenes)
     return labels.assign(source=SYNTHETIC)
@@ -162,13 +163,18 @@ def drop_repeated_tiles(labels: pd.DataFrame, root: Path) -> tuple[pd.DataFrame,
     return out.reset_index(drop=True), dropped
 
 
+def _require_synthetic_band_order(params: Params) -> None:
+    """Synthetic tiles are written in EuroSAT band order: ``ingest.band_names`` must say so."""
+    if list(params.ingest.band_names) != list(ALL_BAND_NAMES):
+        raise GeoclipError(f"ingest.band_names: {list(params.ingest.band_names)}; synthetic tiles are written in "
+                           f"EuroSAT order {list(ALL_BAND_NAMES)}: use that order when ingest.source has 'synthetic'")
+
+
 def _ingest_synthetic(params: Params, start: float) -> dict:
     """Generate the synthetic dataset and scenes (atomically, by synth; band order recorded with the tiles)."""
     from geoclip.data.synth import generate
 
-    if list(params.ingest.band_names) != list(ALL_BAND_NAMES):
-        raise GeoclipError(f"ingest.band_names: {list(params.ingest.band_names)}; synthetic tiles are written in "
-                           f"EuroSAT order {list(ALL_BAND_NAMES)}: use that order for ingest.source 'synthetic'")
+    _require_synthetic_band_order(params)
     result = generate(params)
     labels = pd.read_csv(Path(params.paths.raw) / LABELS_FILE)
     return _summary(params, labels, start) | {"synthetic": result["synthetic"], "scenes": result["scenes"]}
@@ -290,9 +296,9 @@ def _check_rows(df: pd.DataFrame, where: str, col: str, ok, expected: str) -> No
                            f"expected {expected}" + (f" ({len(bad)} rows like this)" if len(bad) > 1 else ""))
 
 
-def _copy(src: str, dst: Path, client, band_names: list[str]) -> str:
+def _copy(src: str, dst: Path, client, band_names: list[str], digest: bool) -> str | None:
     """Copy one tile from a local path or ``s3://`` URI to ``dst``, checking it is a raster with ``band_names``;
-    return the digest of its pixels (:func:`pixel_digest`).
+    return the digest of its pixels (:func:`pixel_digest`) when ``digest``, else None.
 
     A local file is checked before it is copied (a FIFO or a device listed as a tile is never read to its end);
     an S3 object is fetched first (into the temporary folder, never into ``paths.raw``) and checked there.
@@ -300,7 +306,7 @@ def _copy(src: str, dst: Path, client, band_names: list[str]) -> str:
     if s3.is_s3(src):
         s3.download_small(src, dst, client)
         _check_bands(src, dst, band_names)
-        return pixel_digest(dst, src)
+        return pixel_digest(dst, src) if digest else None
     if not os.path.exists(src):
         raise GeoclipError(f"{src}: no such file (listed by ingest.source)")
     if not os.path.isfile(src):
@@ -312,7 +318,7 @@ def _copy(src: str, dst: Path, client, band_names: list[str]) -> str:
         raise GeoclipError(f"{src}: no such file (listed by ingest.source)") from exc
     except OSError as exc:
         raise GeoclipError(f"{src}: cannot copy ({exc.strerror or exc})") from exc
-    return pixel_digest(dst, src)
+    return pixel_digest(dst, src) if digest else None
 
 
 def pixel_digest(path: Path, name: str) -> str:
@@ -326,10 +332,10 @@ def pixel_digest(path: Path, name: str) -> str:
     return hashlib.sha256(f"{data.shape}{data.dtype}".encode() + data.tobytes()).hexdigest()
 
 
-def _fetch_all(srcs: list[str], dsts: list[Path], classes: list[str], band_names: list[str], workers: int
-               ) -> list[str]:
-    """Copy and check every tile; return their pixel digests in order. The first tile of each class goes first,
-    so a wrong band order fails fast."""
+def _fetch_all(srcs: list[str], dsts: list[Path], classes: list[str], band_names: list[str], workers: int,
+               digest: bool = False) -> list[str | None]:
+    """Copy and check every tile; return their pixel digests in order (None each unless ``digest``). The first
+    tile of each class goes first, so a wrong band order fails fast."""
     for folder in {d.parent for d in dsts}:
         folder.mkdir(parents=True, exist_ok=True)
     first_of_class: dict[str, int] = {}
@@ -338,10 +344,10 @@ def _fetch_all(srcs: list[str], dsts: list[Path], classes: list[str], band_names
     first = sorted(first_of_class.values())
     rest = sorted(set(range(len(srcs))) - set(first))
     client = s3.client() if any(s3.is_s3(s) for s in srcs) else None  # one client: boto3 sessions are not thread-safe
-    digests: list[str] = [""] * len(srcs)
+    digests: list[str | None] = [None] * len(srcs)
     with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(srcs), desc="ingest", unit="tile") as bar:
         for batch in (first, rest):
-            futures = {pool.submit(_copy, srcs[i], dsts[i], client, band_names): i for i in batch}
+            futures = {pool.submit(_copy, srcs[i], dsts[i], client, band_names, digest): i for i in batch}
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for f in pending:
                 f.cancel()  # stop queued copies at the first failure

@@ -162,7 +162,8 @@ def generate(params: Params) -> dict:
             "truth": [str(synthetic / "truth" / f"{Path(p).stem}_truth.tif") for p in scenes], "seconds": seconds}
 
 
-def write_synthetic(raw_tmp: Path, scenes_tmp: Path, params: Params, id_prefix: str = "") -> tuple[pd.DataFrame, list[Path]]:
+def write_synthetic(raw_tmp: Path, scenes_tmp: Path, params: Params, id_prefix: str = ""
+                    ) -> tuple[pd.DataFrame, list[Path]]:
     """Write the synthetic tiles under ``raw_tmp`` and the scenes with truth maps under ``scenes_tmp``.
 
     Returns the tiles' labels (``id, path, class, x, y``) and the scene files written. Callers own the folders

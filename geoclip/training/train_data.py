@@ -51,7 +51,8 @@ def mixed_batches(is_real: np.ndarray, share: float, batch_size: int, rank: int,
     An epoch is one pass over the other (synthetic) tiles; the real ones are drawn from successive shuffles of
     them, as many as the epoch needs (a few real tiles are seen many times, each time augmented anew). Without
     both kinds of tiles, or at share 0, this is :func:`rank_batches`. The draws are the same on every rank (``gen``
-    is seeded alike); each global batch is shuffled, then split into equal shards.
+    is seeded alike); each global batch is shuffled, then split into equal shards (a short last batch loses its
+    remainder: every rank must contribute as many embeddings to the gathered loss).
     """
     real = torch.from_numpy(np.flatnonzero(is_real))
     other = torch.from_numpy(np.flatnonzero(~np.asarray(is_real, dtype=bool)))
@@ -63,12 +64,12 @@ def mixed_batches(is_real: np.ndarray, share: float, batch_size: int, rank: int,
     other = other[torch.randperm(len(other), generator=gen)]
     rounds = -(-steps * n_real // len(real))
     real = torch.cat([real[torch.randperm(len(real), generator=gen)] for _ in range(rounds)])
-    local = max(1, batch_size // world)
     batches = []
     for i in range(steps):
         both = torch.cat([real[i * n_real:(i + 1) * n_real], other[i * n_other:(i + 1) * n_other]])
         both = both[torch.randperm(len(both), generator=gen)]
-        mine = both[rank * local:(rank + 1) * local] if len(both) >= world * local else both[rank::world]
+        local = min(len(both), batch_size) // world
+        mine = both[rank * local:(rank + 1) * local]
         if len(mine) * world >= 2:
             batches.append(mine)
     return batches

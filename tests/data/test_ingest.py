@@ -399,7 +399,8 @@ def test_one_image_with_two_classes_across_sources_is_refused_naming_both(tmp_pa
 
 def test_splits_from_some_sources_but_not_others_are_refused(tmp_path):
     src = _manifest_tiles(tmp_path)
-    (src / "m.csv").write_text("path,class,split\nt/tile_0.tif,Forest,train\nt/tile_1.tif,River,val\nt/tile_2.tif,SeaLake,test\n")
+    (src / "m.csv").write_text("path,class,split\nt/tile_0.tif,Forest,train\nt/tile_1.tif,River,val\n"
+                               "t/tile_2.tif,SeaLake,test\n")
     tile(tmp_path / "folder" / "Forest" / "Forest_1.tif", value=9)
     params = params_from_dict({"classes": {"names": CLASSES}, "paths": {"raw": str(tmp_path / "raw")},
                                "ingest": {"source": [str(src / "m.csv"), str(tmp_path / "folder")]}})

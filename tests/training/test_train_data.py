@@ -78,7 +78,8 @@ def test_mixed_batches_give_every_batch_its_real_share_and_each_synthetic_tile_o
         both = torch.cat([shards[0][step], shards[1][step]]).tolist()
         assert len(both) == 16 and sum(i < 6 for i in both) == 4
     real = [i for s in shards for b in s for i in b.tolist() if i < 6]
-    assert set(real) == set(range(6)) and max(real.count(i) for i in range(6)) - min(real.count(i) for i in range(6)) <= 1
+    counts = [real.count(i) for i in range(6)]
+    assert set(real) == set(range(6)) and max(counts) - min(counts) <= 1  # successive shuffles: drawn evenly
     again = mixed_batches(is_real, 0.25, 16, 0, 2, torch.Generator().manual_seed(3))
     assert all(torch.equal(a, b) for a, b in zip(again, shards[0]))  # seeded: a resume replays the epoch
 
@@ -88,3 +89,12 @@ def test_mixed_batches_without_both_kinds_or_share_are_the_plain_shuffle():
         plain = rank_batches(20, 8, 0, 1, torch.Generator().manual_seed(0))
         mixed = mixed_batches(is_real, share, 8, 0, 1, torch.Generator().manual_seed(0))
         assert all(torch.equal(a, b) for a, b in zip(plain, mixed)) and len(plain) == len(mixed)
+
+
+def test_mixed_batches_shard_a_short_last_batch_equally_over_ranks():
+    """Every rank must add as many embeddings to the gathered loss: an odd last batch loses its remainder."""
+    is_real = np.arange(20) < 3  # 3 real, 17 synthetic; batch 8 at share 0.25 = 2 real + 6 synthetic
+    shards = [mixed_batches(is_real, 0.25, 8, r, 2, torch.Generator().manual_seed(0)) for r in range(2)]
+    assert [len(b) for b in shards[0]] == [len(b) for b in shards[1]] == [4, 4, 3]
+    for a, b in zip(*shards):
+        assert not set(a.tolist()) & set(b.tolist())
