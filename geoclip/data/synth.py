@@ -281,7 +281,7 @@ def write_calibration_doc(table: pd.DataFrame, path: str | Path, notes: list[str
 
 def calibrate(real_dir: str | Path, synth_tiles_dir: str | Path, out_md: str | Path) -> pd.DataFrame:
     """Compare synthetic tiles with real ones, write the markdown report to ``out_md``; return the table."""
-    from geoclip.data.baselines import nearest_centroid_accuracy
+    from geoclip.data.baselines import nearest_centroid_accuracy, realism_gap
 
     real, synth = _class_arrays(Path(real_dir)), _class_arrays(Path(synth_tiles_dir))
     table = _table(real, synth)
@@ -294,5 +294,13 @@ def calibrate(real_dir: str | Path, synth_tiles_dir: str | Path, out_md: str | P
         acc = nearest_centroid_accuracy(x[half], y[half], x[~half], y[~half])
         notes.append(f"colour-only baseline (nearest centroid on standardised band means, half the synthetic "
                      f"tiles to train, half to test): {acc:.1%} on {len(classes)} classes")
+    common = [c for c in classes if c in real]
+    real_all, synth_all = np.concatenate([real[c] for c in common]), np.concatenate([synth[c] for c in common])
+    if len(real_all) >= 10:
+        texture_features = "band mean + std, spatial frequency, band correlations"
+        for texture, what in ((False, "band mean + std"), (True, texture_features)):
+            mean, sd = realism_gap(real_all, synth_all, texture)
+            notes.append(f"real-vs-synthetic gap: linear discriminant on {what}, 5-fold CV, {len(real_all)} real "
+                         f"and as many synthetic tiles: {mean:.1%} +- {sd:.1%} (50% = indistinguishable)")
     write_calibration_doc(table, out_md, notes)
     return table

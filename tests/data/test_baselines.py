@@ -1,4 +1,4 @@
-"""Tests for geoclip.data.baselines: the colour-only nearest-centroid baseline."""
+"""Tests for geoclip.data.baselines: the colour-only nearest-centroid baseline, LDA and the realism gap."""
 
 from __future__ import annotations
 
@@ -45,3 +45,30 @@ def test_bad_inputs_raise():
         nearest_centroid_accuracy(x, [0, 1], x, [0, 1, 0, 1])
     with pytest.raises(ValueError, match=r"\(N, bands, H, W\)"):
         band_means(np.ones((4, 13)))
+
+
+def test_linear_discriminant_separates_separable_classes_and_not_noise():
+    from geoclip.data.baselines import linear_discriminant_accuracy
+
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((200, 5))
+    y = np.arange(200) % 2
+    shifted = f + 4.0 * y[:, None]
+    assert linear_discriminant_accuracy(shifted[:100], y[:100], shifted[100:], y[100:]) == 1.0
+    assert 0.3 <= linear_discriminant_accuracy(f[:100], y[:100], f[100:], y[100:]) <= 0.7
+
+
+def test_realism_gap_is_chance_for_one_distribution_and_full_for_another():
+    """Tiles drawn alike cannot be told apart (about 50%); a 1.5x brighter set, or a smoother one, can (100%)."""
+    from scipy import ndimage
+
+    from geoclip.data.baselines import realism_gap
+
+    rng = np.random.default_rng(1)
+    real, synthetic = rng.integers(500, 3000, (80, 4, 16, 16)), rng.integers(500, 3000, (300, 4, 16, 16))
+    for texture in (False, True):
+        mean, sd = realism_gap(real, synthetic, texture)
+        assert 0.25 <= mean <= 0.75 and sd >= 0
+        assert realism_gap(real, (synthetic * 1.5).astype(int), texture)[0] == 1.0
+    smooth = ndimage.gaussian_filter(synthetic.astype(float), (0, 0, 1.5, 1.5))  # same levels, less detail
+    assert realism_gap(real, smooth, texture=True)[0] >= 0.95

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,9 @@ def test_calibration_against_real_tiles(real_tiles, modest_dir, tmp_path):
     calibrate(real_tiles, modest_dir, out)
     text = out.read_text()
     assert "## Forest" in text and "| B8A |" in text and "colour-only baseline" in text
+    gaps = re.findall(r"real-vs-synthetic gap: linear discriminant on (.*?), .*: ([0-9.]+)% \+- ", text)
+    assert [g[0].split(",")[0] for g in gaps] == ["band mean + std", "band mean + std"]  # colour, then texture too
+    assert all(40.0 <= float(g[1]) <= 100.0 for g in gaps)
 
 
 def test_calibration_table_needs_common_classes(tmp_path, small):
