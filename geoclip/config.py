@@ -129,10 +129,12 @@ class TrainConfig:
     # Share of every batch drawn from real tiles (those not from ingest source 'synthetic'), cycling through them
     # while the synthetic ones are each seen once an epoch; 0: one plain shuffle of all tiles.
     real_share: float = 0.0
+    class_balance: bool = False  # draw every class equally often in each epoch (within real and synthetic tiles)
     loss: str = "clip"  # "clip": label-aware softmax contrastive; "siglip": pairwise sigmoid
     encoder_args: dict[str, int | float | str | bool] = field(default_factory=dict)  # extra timm kwargs
     init_weights: str = ""  # local weights file for the image encoder ("" = random init)
     text_finetune: bool = False  # also fine-tune the sentence encoder (default: frozen, projection trained)
+    spectral_stats: bool = False  # per-band tile mean and std through a small MLP beside the encoder's features
     checkpoint_every: int = 0  # optimiser steps between resumable checkpoints (0: only at each epoch end)
     patience: int = 0  # early stopping: epochs without a better val_top1 before stopping (0: off)
     holdout_class: str = ""  # unseen-class experiment: train without this class's tiles ("" = off)

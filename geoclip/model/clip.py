@@ -24,6 +24,7 @@ WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "model_config.json"
 _SET_BY_GEOCLIP = ("in_chans", "num_classes", "pretrained")  # timm kwargs that encoder_args may not override
 _WRAPPER_PREFIXES = ("module.", "encoder.", "backbone.", "model.")  # DDP / SSL / Lightning key prefixes
+STATS_WIDTH = 128  # width of the spectral-statistics branch (ModelConfig.spectral_stats)
 
 
 @dataclass
@@ -48,6 +49,10 @@ class ModelConfig:
     # Fine-tune the sentence encoder on the prompts' token ids. Training only: save_model stores the
     # fine-tuned encoder's prompt features instead, so served models never need the transformer.
     text_finetune: bool = False
+    # Feed each tile's per-band mean and standard deviation (of the standardised input) through a small MLP
+    # beside the convolutional features: spectral statistics alone separate most ground covers, and a CNN
+    # trained on a few hundred real tiles does not reliably learn them from pixels.
+    spectral_stats: bool = False
 
 
 def create_image_encoder(cfg: ModelConfig) -> nn.Module:
@@ -75,6 +80,18 @@ def create_image_encoder(cfg: ModelConfig) -> nn.Module:
     return encoder
 
 
+def image_features(encoder: nn.Module, stats_mlp: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's pooled features of standardised tiles, then (with ``stats_mlp``) the spectral-statistics branch.
+
+    One function for the model and its export, so both compute the same features.
+    """
+    features = encoder(x)
+    if stats_mlp is None:
+        return features
+    stats = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1).to(features.dtype)
+    return torch.cat([features, stats_mlp(stats)], dim=1)
+
+
 class GeoCLIP(nn.Module):
     """CLIP-style model: raw multispectral tiles and class prompts in one embedding space.
 
@@ -92,7 +109,13 @@ class GeoCLIP(nn.Module):
         self.cfg = cfg
         n_classes = len(cfg.class_names)
         self.image_encoder = create_image_encoder(cfg)
-        self.image_proj = nn.Linear(self.image_encoder.num_features, cfg.embed_dim)
+        self.stats_mlp = None
+        width = self.image_encoder.num_features
+        if cfg.spectral_stats:
+            self.stats_mlp = nn.Sequential(nn.Linear(2 * len(cfg.band_names), STATS_WIDTH), nn.GELU(),
+                                           nn.Linear(STATS_WIDTH, STATS_WIDTH))
+            width += STATS_WIDTH
+        self.image_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Sequential(
             nn.Linear(cfg.text_dim, cfg.text_dim), nn.GELU(), nn.Linear(cfg.text_dim, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
@@ -123,9 +146,13 @@ class GeoCLIP(nn.Module):
         """The inverse temperature ``exp(logit_scale)``, capped like the losses cap it."""
         return self.logit_scale.exp().clamp(max=math.exp(MAX_LOGIT_SCALE))
 
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unprojected features ``(N, F)`` of standardised tiles (:meth:`normalize_input`)."""
+        return image_features(self.image_encoder, self.stats_mlp, x)
+
     def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Embed raw tiles ``(N, bands, H, W)`` into ``(N, embed_dim)``."""
-        z = self.image_proj(self.image_encoder(self.normalize_input(x)))
+        z = self.image_proj(self.image_features(self.normalize_input(x)))
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_text(self, text_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:

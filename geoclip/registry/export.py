@@ -21,6 +21,7 @@ from torch import nn
 from geoclip.bands import band_indices
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_dir
+from geoclip.model.clip import image_features
 
 FORMATS = ("torchscript", "onnx")
 ENCODER_FILES = {"torchscript": "image_encoder.pt", "onnx": "image_encoder.onnx"}
@@ -37,7 +38,7 @@ class ExportedEncoder(nn.Module):
         super().__init__()
         # Only the image side travels (a fine-tuned text encoder would add ~90 MB that serving never runs);
         # forward repeats GeoCLIP.encode_image, and check_export compares the two on real batches.
-        self.image_encoder, self.image_proj = model.image_encoder, model.image_proj
+        self.image_encoder, self.stats_mlp, self.image_proj = model.image_encoder, model.stats_mlp, model.image_proj
         self.register_buffer("band_mean", model.band_mean.detach().clone())
         self.register_buffer("band_std", model.band_std.detach().clone())
         idx = band_indices(model.cfg.band_names, tuple(model.cfg.input_band_names))
@@ -49,7 +50,7 @@ class ExportedEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Unit embeddings ``(N, D)`` for raw float32 tiles ``(N, input bands, H, W)``."""
         x = (x.index_select(1, self.band_index).float() - self.band_mean) / self.band_std
-        return F.normalize(self.image_proj(self.image_encoder(x)), dim=-1)
+        return F.normalize(self.image_proj(image_features(self.image_encoder, self.stats_mlp, x)), dim=-1)
 
 
 def _load(model_dir: Path) -> nn.Module:

@@ -79,7 +79,7 @@ def backbone_features(model, images: np.ndarray, batch_size: int = 256) -> torch
 
     idx = band_indices(model.cfg.band_names, tuple(model.cfg.input_band_names))
     model.eval()
-    out = [model.image_encoder(model.normalize_input(torch.from_numpy(images[s:s + batch_size][:, idx])))
+    out = [model.image_features(model.normalize_input(torch.from_numpy(images[s:s + batch_size][:, idx])))
            for s in tqdm(range(0, len(images), batch_size), desc="embed tiles", unit="batch", leave=False)]
     return torch.cat(out) if out else torch.zeros(0, model.image_proj.in_features)
 

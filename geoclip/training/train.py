@@ -115,7 +115,7 @@ def model_config(params: Params, data: PreparedData) -> ModelConfig:
     names = params.classes.names
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     extra = {"loss": params.train.loss, "encoder_args": dict(params.train.encoder_args),
-             "text_finetune": params.train.text_finetune}
+             "text_finetune": params.train.text_finetune, "spectral_stats": params.train.spectral_stats}
     return ModelConfig(image_encoder=name, embed_dim=params.train.embed_dim, band_names=list(params.bands),
                        class_names=list(names), prompts=[params.classes.prompts(c) for c in names],
                        band_mean=list(data.mean), band_std=list(data.std), tile_size=data.images.shape[-1],
@@ -175,6 +175,7 @@ class _Run:
     val_x: np.ndarray
     val_y: np.ndarray  # original class indices
     is_real: np.ndarray  # per kept training tile: from a real source (train.real_share draws from these)
+    balance_labels: np.ndarray | None  # per kept training tile, its class when train.class_balance, else None
     generators: dict[str, torch.Generator]
     ckpt_path: Path
     fingerprint: dict | None  # rank 0 only
@@ -284,7 +285,8 @@ def _run_epochs(run: _Run, prog: _Progress) -> None:
     shuffle = run.generators["shuffle"]
     while not prog.finished and prog.epoch <= cfg.epochs:
         shuffle.set_state(prog.shuffle_state)  # replaying the epoch's shuffle lets a resume skip the done batches
-        batches = mixed_batches(run.is_real, cfg.real_share, cfg.batch_size, run.rank, run.world, shuffle)
+        batches = mixed_batches(run.is_real, cfg.real_share, cfg.batch_size, run.rank, run.world, shuffle,
+                                run.balance_labels)
         next_shuffle = shuffle.get_state()
         _train_batches(run, prog, batches)
         if _end_epoch(run, prog, next_shuffle):
@@ -373,7 +375,9 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     rows, val_rows = kept_rows(train_data.labels, classes), kept_rows(val_data.labels, classes)
     origins = split_origins(params.paths.prepared, "train")
     is_real = np.zeros(len(rows), dtype=bool) if origins is None else origins[rows] == "real"
-    per_epoch = len(mixed_batches(is_real, cfg.real_share, cfg.batch_size, rank, world, torch.Generator()))
+    balance_labels = remap_labels(train_data.labels[rows], classes) if cfg.class_balance else None
+    per_epoch = len(mixed_batches(is_real, cfg.real_share, cfg.batch_size, rank, world, torch.Generator(),
+                                  balance_labels))
     total = per_epoch * cfg.epochs
     sched = lr_schedule(opt, total, cfg.warmup_fraction)
     generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),  # identical on all ranks: disjoint shards
@@ -391,8 +395,8 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     tiles = _tiles(params, train_data, rows, device)
     labels = torch.from_numpy(remap_labels(train_data.labels[rows], classes)).to(device)
     run = _Run(params, rank, world, device, model, step_module, opt, sched, tiles, labels, classes,
-               np.asarray(val_data.images[val_rows]), np.asarray(val_data.labels)[val_rows], is_real, generators,
-               ckpt_path, fp)
+               np.asarray(val_data.images[val_rows]), np.asarray(val_data.labels)[val_rows], is_real, balance_labels,
+               generators, ckpt_path, fp)
     # Checkpoints from before the run log was generic name it mlflow_run_id.
     resumed_run_id = ckpt and (ckpt.get("run_id") or ckpt.get("mlflow_run_id"))
     with open_log(resumed_run_id) if rank == 0 else contextlib.nullcontext(NoRunLog()) as log:

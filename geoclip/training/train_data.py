@@ -33,9 +33,34 @@ def remap_labels(labels: np.ndarray, classes: list[int]) -> np.ndarray:
     return lookup[np.asarray(labels)]
 
 
-def rank_batches(n: int, batch_size: int, rank: int, world: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """This rank's index batches for one epoch: a shared shuffle, equal shards, ``batch_size`` global."""
-    perm = torch.randperm(n, generator=gen)  # same draw on every rank: gen is seeded alike
+def balanced_draw(pool: torch.Tensor, labels: np.ndarray, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` indices from ``pool`` with every class of the pool drawn equally often, in shuffled order.
+
+    Each class cycles through fresh shuffles of its own tiles, so a rare class's tiles are each seen several
+    times (augmented anew each time) and a common class's tiles are seen at most once or twice.
+    """
+    pool_labels = np.asarray(labels)[pool.numpy()]
+    classes = np.unique(pool_labels)
+    if len(classes) == 0:
+        return pool[:0]
+    per_class = -(-n // len(classes))
+    parts = []
+    for c in classes:
+        members = pool[torch.from_numpy(pool_labels == c)]
+        rounds = -(-per_class // len(members))
+        parts.append(torch.cat([members[torch.randperm(len(members), generator=gen)] for _ in range(rounds)])[:per_class])
+    drawn = torch.cat(parts)
+    return drawn[torch.randperm(len(drawn), generator=gen)][:n]
+
+
+def rank_batches(n: int, batch_size: int, rank: int, world: int, gen: torch.Generator,
+                 labels: np.ndarray | None = None) -> list[torch.Tensor]:
+    """This rank's index batches for one epoch: a shared shuffle, equal shards, ``batch_size`` global.
+
+    With ``labels`` (``train.class_balance``) the epoch's ``n`` draws are class-balanced (:func:`balanced_draw`).
+    """
+    # The same draws on every rank: gen is seeded alike.
+    perm = torch.randperm(n, generator=gen) if labels is None else balanced_draw(torch.arange(n), labels, n, gen)
     per_rank = n // world
     mine = perm[rank * per_rank:(rank + 1) * per_rank]
     local = max(1, batch_size // world)
@@ -45,25 +70,30 @@ def rank_batches(n: int, batch_size: int, rank: int, world: int, gen: torch.Gene
 
 
 def mixed_batches(is_real: np.ndarray, share: float, batch_size: int, rank: int, world: int,
-                  gen: torch.Generator) -> list[torch.Tensor]:
+                  gen: torch.Generator, labels: np.ndarray | None = None) -> list[torch.Tensor]:
     """This rank's index batches for one epoch with ``share`` of every global batch drawn from the real tiles.
 
     An epoch is one pass over the other (synthetic) tiles; the real ones are drawn from successive shuffles of
     them, as many as the epoch needs (a few real tiles are seen many times, each time augmented anew). Without
     both kinds of tiles, or at share 0, this is :func:`rank_batches`. The draws are the same on every rank (``gen``
     is seeded alike); each global batch is shuffled, then split into equal shards (a short last batch loses its
-    remainder: every rank must contribute as many embeddings to the gathered loss).
+    remainder: every rank must contribute as many embeddings to the gathered loss). With ``labels``
+    (``train.class_balance``) the real and the other tiles are each drawn class-balanced (:func:`balanced_draw`).
     """
     real = torch.from_numpy(np.flatnonzero(is_real))
     other = torch.from_numpy(np.flatnonzero(~np.asarray(is_real, dtype=bool)))
     if share <= 0 or len(real) == 0 or len(other) == 0:
-        return rank_batches(len(is_real), batch_size, rank, world, gen)
+        return rank_batches(len(is_real), batch_size, rank, world, gen, labels)
     n_real = max(1, round(batch_size * share))
     n_other = max(1, batch_size - n_real)
     steps = -(-len(other) // n_other)
-    other = other[torch.randperm(len(other), generator=gen)]
-    rounds = -(-steps * n_real // len(real))
-    real = torch.cat([real[torch.randperm(len(real), generator=gen)] for _ in range(rounds)])
+    if labels is None:
+        other = other[torch.randperm(len(other), generator=gen)]
+        rounds = -(-steps * n_real // len(real))
+        real = torch.cat([real[torch.randperm(len(real), generator=gen)] for _ in range(rounds)])
+    else:
+        other = balanced_draw(other, labels, len(other), gen)
+        real = balanced_draw(real, labels, steps * n_real, gen)
     batches = []
     for i in range(steps):
         both = torch.cat([real[i * n_real:(i + 1) * n_real], other[i * n_other:(i + 1) * n_other]])

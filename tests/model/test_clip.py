@@ -277,3 +277,44 @@ def test_config_round_trips_the_new_fields(tmp_path):
     save_model(GeoCLIP(cfg), tmp_path / "vit")
     loaded = load_model(tmp_path / "vit")
     assert asdict(loaded.cfg) == asdict(cfg) and loaded.logit_bias.requires_grad
+
+
+# --- spectral-statistics branch --------------------------------------------------------------------------------
+
+
+def test_spectral_stats_branch_sees_band_levels_the_pooled_encoder_features_cannot_tell_apart():
+    """Two tiles whose bands differ only in level and contrast give different branch inputs, so different features."""
+    model = build_model(_config(spectral_stats=True), seed=0).eval()
+    assert model.image_proj.in_features == model.image_encoder.num_features + 128
+    x = _batch(2)
+    brighter = x.clone()
+    brighter[:, 3] = brighter[:, 3] * 1.5 + 300  # one band (B04) brighter and more contrasted
+    with torch.no_grad():
+        xn, bn = model.normalize_input(x), model.normalize_input(brighter)
+        stats_in = torch.cat([xn.mean(dim=(2, 3)), xn.std(dim=(2, 3))], 1)
+        branch = model.stats_mlp(stats_in)
+        features = model.image_features(xn)
+        assert torch.equal(features[:, -128:], branch)  # the branch's output rides beside the encoder's
+        assert not torch.allclose(model.image_features(bn)[:, -128:], branch)
+    probs, emb = model.predict(x, tta=True)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+    for view in dihedral_views(x)[1:]:  # means and stds do not change under flips: tta stays exact
+        assert torch.allclose(model.predict(view, tta=True)[1], emb, atol=1e-5)
+
+
+def test_spectral_stats_model_saves_loads_and_fewshot_features_include_the_branch(tmp_path):
+    from geoclip.training.fewshot import backbone_features, zero_shot_logits
+
+    model = build_model(_config(spectral_stats=True), seed=0).eval()
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.cfg.spectral_stats and loaded.stats_mlp is not None
+    x = _batch(3)
+    assert torch.allclose(loaded.predict(x)[0], model.predict(x)[0], atol=1e-6)
+    feats = backbone_features(loaded, x.numpy().astype(np.uint16))
+    assert feats.shape == (3, loaded.image_proj.in_features)
+    with torch.no_grad():  # the few-shot head starts from exactly the zero-shot classifier
+        assert torch.allclose(zero_shot_logits(loaded, feats).softmax(-1),
+                              loaded.predict(torch.from_numpy(x.numpy().astype(np.uint16)))[0], atol=1e-5)
+    plain = build_model(_config(), seed=0)
+    assert plain.stats_mlp is None and plain.image_proj.in_features == plain.image_encoder.num_features

@@ -104,6 +104,20 @@ def test_failed_export_leaves_existing_output_untouched(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temp dirs left
 
 
+def test_a_spectral_stats_model_exports_its_branch_and_matches_pytorch(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model", spectral_stats=True)
+    meta = export_model(model_dir, tmp_path / "export")
+    assert meta["max_abs_diff"] <= 1e-4
+    module = torch.jit.load(str(tmp_path / "export" / ENCODER_FILES["torchscript"]))
+    x = torch.from_numpy(tiles5().astype(np.float32))
+    brighter = x.clone()
+    brighter[:, 3] *= 1.5  # the branch sees band levels: a brighter B04 moves the exported embedding
+    with torch.no_grad():
+        assert not torch.allclose(module(x), module(brighter), atol=1e-3)
+        _, emb = load_model(model_dir).predict(x)
+        assert torch.allclose(module(x), emb, atol=1e-4)
+
+
 @pytest.mark.skipif(HAS_ONNX, reason="onnx packages are installed")
 def test_onnx_without_packages_says_what_to_install(tmp_path):
     with pytest.raises(GeoclipError, match="pip install .*onnx"):

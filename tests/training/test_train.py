@@ -110,7 +110,8 @@ def test_real_share_and_sentinel2_augmentation_train_reproducibly(tmp_path):
     index = pd.read_csv(index_path)
     index["source"] = ["/data/EuroSAT_MS" if i % 4 == 0 else "synthetic" for i in range(len(index))]
     index.to_csv(index_path, index=False)
-    recipe = {"real_share": 0.5, "offset_noise": 0.1, "pixel_noise": 0.05, "crop_scale": 0.75}
+    recipe = {"real_share": 0.5, "offset_noise": 0.1, "pixel_noise": 0.05, "crop_scale": 0.75, "class_balance": True,
+              "spectral_stats": True}
     states = []
     for name, extra in (("a", recipe), ("b", recipe), ("plain", {})):
         d = tiny_params_dict(tmp_path, epochs=1, **extra)
@@ -118,7 +119,8 @@ def test_real_share_and_sentinel2_augmentation_train_reproducibly(tmp_path):
         train(params_from_dict(d))
         states.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+    assert any(k.startswith("stats_mlp.") for k in states[0]) and not any(k.startswith("stats_mlp.") for k in states[2])
+    assert load_model(tmp_path / "a").cfg.spectral_stats
 
 
 @pytest.mark.parametrize("key, value", [("real_share", 1.0), ("crop_scale", 0.0), ("pixel_noise", -0.1)])

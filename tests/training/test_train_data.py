@@ -10,6 +10,7 @@ from factories import make_packs, tiny_params_dict
 from geoclip.config import params_from_dict
 from geoclip.training.train_data import (
     TrainTiles,
+    balanced_draw,
     fits_on_device,
     kept_rows,
     mixed_batches,
@@ -98,3 +99,29 @@ def test_mixed_batches_shard_a_short_last_batch_equally_over_ranks():
     assert [len(b) for b in shards[0]] == [len(b) for b in shards[1]] == [4, 4, 3]
     for a, b in zip(*shards):
         assert not set(a.tolist()) & set(b.tolist())
+
+
+def test_class_balance_draws_a_rare_class_as_often_as_a_common_one():
+    labels = np.array([0] * 90 + [1] * 10)  # 9:1 imbalance
+    plain = torch.cat(rank_batches(100, 20, 0, 1, torch.Generator().manual_seed(0))).numpy()
+    balanced = torch.cat(rank_batches(100, 20, 0, 1, torch.Generator().manual_seed(0), labels)).numpy()
+    assert np.bincount(labels[plain]).tolist() == [90, 10]
+    assert np.bincount(labels[balanced]).tolist() == [50, 50] and len(balanced) == 100
+    assert sorted(set(balanced[labels[balanced] == 1].tolist())) == list(range(90, 100))  # each rare tile, 5 times
+    again = torch.cat(rank_batches(100, 20, 0, 1, torch.Generator().manual_seed(0), labels)).numpy()
+    assert np.array_equal(again, balanced)  # seeded: a resume replays the epoch
+
+
+def test_class_balance_with_a_real_share_balances_real_and_synthetic_tiles_apart():
+    labels = np.array([0] * 8 + [1] * 2 + [0] * 20 + [1] * 20)  # real: 8 + 2; synthetic: 20 + 20
+    is_real = np.arange(50) < 10
+    batches = mixed_batches(is_real, 0.5, 8, 0, 1, torch.Generator().manual_seed(1), labels)
+    drawn = torch.cat(batches).numpy()
+    real, synthetic = drawn[is_real[drawn]], drawn[~is_real[drawn]]
+    assert len(batches) == 10 and all(is_real[b.numpy()].sum() == 4 for b in batches)  # the share is kept
+    assert np.bincount(labels[real]).tolist() == [20, 20]  # 2 rare real tiles drawn as often as 8 common ones
+    assert np.bincount(labels[synthetic]).tolist() == [20, 20] and sorted(synthetic.tolist()) == list(range(10, 50))
+
+
+def test_balanced_draw_of_an_empty_pool_is_empty():
+    assert len(balanced_draw(torch.arange(0), np.zeros(0, int), 0, torch.Generator())) == 0
