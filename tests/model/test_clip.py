@@ -296,7 +296,7 @@ def test_spectral_stats_branch_sees_band_levels_the_pooled_encoder_features_cann
         features = model.image_features(xn)
         assert torch.equal(features[:, -128:], branch)  # the branch's output rides beside the encoder's
         assert not torch.allclose(model.image_features(bn)[:, -128:], branch)
-    probs, emb = model.predict(x, tta=True)
+    _, emb = model.predict(x, tta=True)
     assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
     for view in dihedral_views(x)[1:]:  # means and stds do not change under flips: tta stays exact
         assert torch.allclose(model.predict(view, tta=True)[1], emb, atol=1e-5)
