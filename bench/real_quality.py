@@ -32,6 +32,7 @@ import yaml
 from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASSES
 from geoclip.config import Params, load_params, params_from_dict
 from geoclip.data.tiles import discover_tiles, read_tile
+from geoclip.errors import GeoclipError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REAL = [REPO.parent / "shared" / "data" / name for name in ("eurosat_ms_dev", "eurosat_ms_train")]
@@ -172,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
         if section not in data or name not in data[section]:
             raise SystemExit(f"--set {item}: unknown param {key!r}; expected SECTION.KEY=VALUE from params.yaml")
         data[section][name] = yaml.safe_load(value)
-    params = params_from_dict(data)
+    try:
+        params = params_from_dict(data)
+    except GeoclipError as exc:  # a bad --set value: one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
     real = real_tiles(args.real)
     fold = folds(real["class"], args.k, args.seed)
     images = np.stack([read_tile(p) for p in real["path"]])

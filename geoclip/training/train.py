@@ -375,7 +375,8 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     rows, val_rows = kept_rows(train_data.labels, classes), kept_rows(val_data.labels, classes)
     origins = split_origins(params.paths.prepared, "train")
     is_real = np.zeros(len(rows), dtype=bool) if origins is None else origins[rows] == "real"
-    balance_labels = remap_labels(train_data.labels[rows], classes) if cfg.class_balance else None
+    train_labels = remap_labels(train_data.labels[rows], classes)
+    balance_labels = train_labels if cfg.class_balance else None
     per_epoch = len(mixed_batches(is_real, cfg.real_share, cfg.batch_size, rank, world, torch.Generator(),
                                   balance_labels))
     total = per_epoch * cfg.epochs
@@ -393,7 +394,7 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device] if device.type == "cuda" else None)
     tiles = _tiles(params, train_data, rows, device)
-    labels = torch.from_numpy(remap_labels(train_data.labels[rows], classes)).to(device)
+    labels = torch.from_numpy(train_labels).to(device)
     run = _Run(params, rank, world, device, model, step_module, opt, sched, tiles, labels, classes,
                np.asarray(val_data.images[val_rows]), np.asarray(val_data.labels)[val_rows], is_real, balance_labels,
                generators, ckpt_path, fp)

@@ -282,8 +282,8 @@ def test_config_round_trips_the_new_fields(tmp_path):
 # --- spectral-statistics branch --------------------------------------------------------------------------------
 
 
-def test_spectral_stats_branch_sees_band_levels_the_pooled_encoder_features_cannot_tell_apart():
-    """Two tiles whose bands differ only in level and contrast give different branch inputs, so different features."""
+def test_spectral_stats_branch_sits_beside_the_encoder_features_and_moves_with_band_level():
+    """The branch's output is the last features; a brighter, more contrasted band changes it."""
     model = build_model(_config(spectral_stats=True), seed=0).eval()
     assert model.image_proj.in_features == model.image_encoder.num_features + 128
     x = _batch(2)

@@ -113,7 +113,8 @@ def test_real_share_and_sentinel2_augmentation_train_reproducibly(tmp_path):
     recipe = {"real_share": 0.5, "offset_noise": 0.1, "pixel_noise": 0.05, "crop_scale": 0.75, "class_balance": True,
               "spectral_stats": True}
     states = []
-    for name, extra in (("a", recipe), ("b", recipe), ("plain", {})):
+    data_side = {k: v for k, v in recipe.items() if k != "spectral_stats"}
+    for name, extra in (("a", recipe), ("b", recipe), ("plain", {}), ("data_side", data_side)):
         d = tiny_params_dict(tmp_path, epochs=1, **extra)
         d["paths"]["model"] = str(tmp_path / name)
         train(params_from_dict(d))
@@ -121,6 +122,8 @@ def test_real_share_and_sentinel2_augmentation_train_reproducibly(tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert any(k.startswith("stats_mlp.") for k in states[0]) and not any(k.startswith("stats_mlp.") for k in states[2])
     assert load_model(tmp_path / "a").cfg.spectral_stats
+    assert states[3].keys() == states[2].keys()  # the sampling and augmentation params change what training sees
+    assert not all(torch.equal(states[3][k], states[2][k]) for k in states[2])
 
 
 @pytest.mark.parametrize("key, value", [("real_share", 1.0), ("crop_scale", 0.0), ("pixel_noise", -0.1)])
