@@ -30,7 +30,7 @@ def cmd_calibrate(args) -> None:
     from geoclip.devtools.diagram import draw_samples
 
     tiles = Path(params.paths.raw) / "tiles"
-    calibrate(Path(args.real), tiles, Path(args.out))
+    calibrate(Path(args.real), tiles, Path(args.out), args.held_out)
     samples = draw_samples(Path(args.real), tiles, Path(args.out).with_name("samples.png"))
     print(f"wrote {args.out} and {samples}")
 
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__, parents=[common])
     p.add_argument("--real", required=True, help="folder of real EuroSAT_MS tiles to compare with")
     p.add_argument("--out", default="docs/calibration.md")
+    p.add_argument("--held-out", default=None,
+                   help="folder of real tiles never used to calibrate: the realism gap is reported on them too")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("storage", help=cmd_storage.__doc__, parents=[common])
     p.add_argument("action", choices=["configure", "version"])

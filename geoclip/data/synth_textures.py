@@ -14,107 +14,47 @@ from scipy import ndimage
 from scipy.special import expit, ndtri
 
 from geoclip.bands import ALL_BAND_NAMES, BAND_GSD_M
-
-# ENDMEMBERS, MATERIAL_RULES and TILE_CV were calibrated on the 100 real EuroSAT_MS dev tiles
-# (shared/data/eurosat_ms_dev) by geoclip.data.synth.derive_calibration: each class's pixels are split into
-# groups along a spectral index (MATERIAL_RULES: name, index, share of pixels, which end), and a group's
-# mean spectrum is a material here. Generators give each material, on average, the share of area it had
-# in the real tiles, so synthetic class means match real ones. Hard-coded so tests run without real tiles.
-MATERIAL_RULES: dict[str, list[tuple]] = {
-    "AnnualCrop": [("bare", "ndvi", 0.25, "low"), ("sparse", "ndvi", 0.25, "low"),
-                   ("growing", "ndvi", 0.25, "low"), ("dense",)],
-    "Forest": [("shade", "nir", 0.5, "low"), ("crown",)],
-    "HerbaceousVegetation": [("bare", "ndvi", 1 / 3, "low"), ("dry", "ndvi", 1 / 3, "low"), ("green",)],
-    "Highway": [("road", "ndvi", 0.12, "low"), ("field", "ndvi", 0.44, "low"), ("green",)],
-    "Industrial": [("vegetation", "ndvi", 0.15, "high"), ("roof", "vis", 0.40, "high"), ("paved",)],
-    "Pasture": [("dry", "ndvi", 0.5, "low"), ("lush",)],
-    "PermanentCrop": [("soil", "ndvi", 0.3, "low"), ("mixed", "ndvi", 0.4, "low"), ("trees",)],
-    "Residential": [("garden", "ndvi", 0.35, "high"), ("roof", "vis", 0.30, "high"), ("street",)],
-    "River": [("water", "nir", 0.28, "low"), ("field", "ndvi", 0.36, "low"), ("green",)],
-    "SeaLake": [("shore", "nir", 0.03, "high"), ("water",)],
-}
-ENDMEMBERS: dict[str, dict[str, list[int]]] = {
-    "AnnualCrop": {
-        "bare": [1501, 1449, 1522, 1975, 2135, 2480, 2808, 2747, 856, 15, 3445, 2491, 3187],
-        "sparse": [1360, 1209, 1264, 1381, 1733, 2709, 3206, 3110, 1075, 14, 2694, 1721, 3559],
-        "growing": [1206, 921, 908, 568, 1065, 2998, 3941, 3803, 1092, 12, 1425, 680, 4220],
-        "dense": [1108, 831, 812, 452, 931, 3286, 4577, 4490, 1530, 12, 1236, 523, 4857],
-    },
-    "Forest": {
-        "shade": [1165, 851, 687, 445, 716, 1756, 2240, 2105, 594, 8, 1184, 504, 2548],
-        "crown": [1118, 818, 704, 414, 774, 2392, 3162, 3176, 869, 9, 1524, 587, 3579],
-    },
-    "HerbaceousVegetation": {
-        "bare": [1440, 1338, 1346, 1540, 1714, 2006, 2202, 2172, 1051, 24, 2898, 2064, 2431],
-        "dry": [1418, 1167, 1049, 1005, 1293, 1835, 2066, 2062, 984, 22, 2147, 1380, 2316],
-        "green": [1174, 927, 857, 777, 1228, 2113, 2483, 2572, 1283, 18, 2258, 1210, 2871],
-    },
-    "Highway": {
-        "road": [1493, 1393, 1299, 1402, 1430, 1762, 1966, 1751, 489, 11, 2113, 1579, 2107],
-        "field": [1330, 1110, 1034, 944, 1214, 2095, 2498, 2392, 727, 12, 2006, 1168, 2780],
-        "green": [1210, 895, 832, 553, 1011, 2491, 3089, 3094, 956, 15, 1685, 790, 3439],
-    },
-    "Industrial": {
-        "vegetation": [1287, 917, 831, 552, 940, 2285, 2877, 2942, 762, 10, 1587, 799, 3157],
-        "roof": [1863, 1919, 1894, 2008, 1976, 2285, 2463, 2341, 630, 12, 2450, 1975, 2569],
-        "paved": [1509, 1148, 1019, 941, 1177, 1653, 1868, 1706, 571, 11, 1770, 1257, 2019],
-    },
-    "Pasture": {
-        "dry": [1310, 1040, 974, 757, 1216, 2444, 2915, 2842, 1012, 13, 1988, 1013, 3285],
-        "lush": [1146, 862, 844, 488, 1077, 3109, 3914, 3939, 1521, 13, 1830, 808, 4311],
-    },
-    "PermanentCrop": {
-        "soil": [1517, 1451, 1551, 1858, 1996, 2499, 2815, 2690, 805, 14, 3085, 2215, 3068],
-        "mixed": [1409, 1215, 1256, 1289, 1625, 2508, 2917, 2807, 858, 14, 2674, 1700, 3197],
-        "trees": [1269, 985, 966, 757, 1242, 2524, 3034, 2999, 880, 13, 2169, 1153, 3354],
-    },
-    "Residential": {
-        "garden": [1298, 944, 860, 599, 1065, 2345, 2851, 2920, 953, 13, 1777, 968, 3144],
-        "roof": [1435, 1313, 1245, 1259, 1369, 2064, 2362, 2264, 865, 14, 2132, 1547, 2543],
-        "street": [1357, 1048, 903, 781, 1043, 1754, 2054, 1847, 663, 12, 1639, 1081, 2238],
-    },
-    "River": {
-        "water": [1209, 919, 750, 481, 469, 506, 544, 381, 247, 9, 259, 143, 506],
-        "field": [1277, 1059, 972, 868, 1115, 1853, 2155, 2049, 691, 11, 1764, 1084, 2372],
-        "green": [1236, 932, 851, 565, 965, 2340, 2871, 2905, 753, 10, 1596, 766, 3161],
-    },
-    "SeaLake": {
-        "shore": [1297, 1101, 1001, 951, 1017, 1092, 1196, 1119, 242, 8, 385, 230, 1084],
-        "water": [1203, 922, 718, 475, 457, 356, 351, 284, 85, 7, 65, 40, 263],
-    },
-}
-#: Between-tile coefficient of variation of tile-mean DN per band (season, illumination, haze, vapour).
-TILE_CV: dict[str, list[float]] = {
-    "AnnualCrop": [0.13, 0.22, 0.27, 0.55, 0.39, 0.19, 0.2, 0.2, 0.39, 0.18, 0.36, 0.46, 0.19],
-    "Forest": [0.06, 0.07, 0.08, 0.12, 0.18, 0.16, 0.18, 0.18, 0.4, 0.11, 0.15, 0.16, 0.18],
-    "HerbaceousVegetation": [0.15, 0.17, 0.24, 0.35, 0.25, 0.21, 0.22, 0.22, 0.29, 0.39, 0.29, 0.38, 0.23],
-    "Highway": [0.08, 0.12, 0.14, 0.26, 0.19, 0.18, 0.18, 0.19, 0.42, 0.57, 0.2, 0.24, 0.18],
-    "Industrial": [0.11, 0.15, 0.21, 0.25, 0.23, 0.21, 0.21, 0.22, 0.3, 0.15, 0.24, 0.27, 0.22],
-    "Pasture": [0.15, 0.14, 0.09, 0.18, 0.1, 0.12, 0.14, 0.15, 0.32, 0.12, 0.17, 0.2, 0.13],
-    "PermanentCrop": [0.12, 0.18, 0.21, 0.28, 0.2, 0.11, 0.11, 0.11, 0.19, 0.18, 0.17, 0.24, 0.1],
-    "Residential": [0.07, 0.08, 0.12, 0.18, 0.17, 0.17, 0.17, 0.18, 0.47, 0.35, 0.2, 0.27, 0.17],
-    "River": [0.04, 0.06, 0.09, 0.11, 0.15, 0.21, 0.23, 0.22, 0.27, 0.23, 0.21, 0.23, 0.23],
-    "SeaLake": [0.15, 0.22, 0.37, 0.56, 0.6, 0.52, 0.55, 0.56, 0.3, 0.18, 0.58, 0.81, 0.55],
-}
+from geoclip.data.synth_calib import ENDMEMBERS, MATERIAL_RULES, TILE_PCS  # re-exported: tx.ENDMEMBERS
 
 N_BANDS = len(ALL_BAND_NAMES)
 MAX_DN = 20000
 #: Gaussian blur sigma (pixels of 10 m) per band: the MTF at 10 m, and 20 m / 60 m bands resampled to 10 m.
-BLUR_SIGMA = np.array([{10: 0.5, 20: 0.9, 60: 2.2}[BAND_GSD_M[b]] for b in ALL_BAND_NAMES], dtype=np.float32)
+BLUR_SIGMA = np.array([{10: 0.5, 20: 1.4, 60: 3.6}[BAND_GSD_M[b]] for b in ALL_BAND_NAMES], dtype=np.float32)
+#: White detector noise (DN) added after the blur in the 10 m bands: real SeaLake dev tiles, nearly featureless,
+#: show ~7 DN of pixel-to-pixel noise in B02-B08 (second differences of log DN, 0.008-0.022).
+NOISE_10M = np.array([6.0 if BAND_GSD_M[b] == 10 else 0.0 for b in ALL_BAND_NAMES], dtype=np.float32)
+#: Fine texture: log-DN standard deviation of (brightness, vegetation density) at the pixel scale, per class, set
+#: so that synthetic second differences of log B04 and B08 (and their correlation) approach the real dev tiles'
+#: (e.g. Forest 0.037 / 0.059, correlation 0.45: mostly shadow; Pasture 0.042 / 0.042, correlation 0: both).
+#: Classes whose generators already draw that detail (crop rows, roofs) get little or none.
+#: The third number is the log sd of SPECTRAL_JITTER (below): small over water, whose real tiles are smooth.
+FINE_TEXTURE: dict[str, tuple[float, float, float]] = {
+    "AnnualCrop": (0.01, 0.01, 0.03), "Forest": (0.06, 0.01, 0.03), "HerbaceousVegetation": (0.06, 0.03, 0.03),
+    "Highway": (0.05, 0.0, 0.03), "Industrial": (0.07, 0.03, 0.03), "Pasture": (0.03, 0.03, 0.03),
+    "PermanentCrop": (0.0, 0.0, 0.03), "Residential": (0.02, 0.02, 0.03), "River": (0.05, 0.04, 0.03),
+    "SeaLake": (0.0, 0.0, 0.005),
+}
+#: How vegetation density moves each band (log): NIR and red edge up, visible and SWIR down, B01/B10 hardly, B02
+#: half (haze adds a constant to blue: real dev tiles' within-tile log std of B02 is 0.12, of B04 0.2+).
+VEG_LOADING = np.array([0.0, -0.5, -1, -1, -0.3, 0.7, 1, 1, 1, 0, -1, -1, 1], np.float32)
+FINE_SIGMA = 0.7  # pixels: crowns and gaps of 10-20 m
+FINE_GAIN = np.float32(2 * np.sqrt(np.pi) * FINE_SIGMA)  # brings blurred white noise back to unit variance
 
 
 # ---------------------------------------------------------------- primitives
-def noise(rng: np.random.Generator, h: int, w: int, scale: float) -> np.ndarray:
-    """Smooth value noise, roughly N(0, 1), with features about ``scale`` pixels across."""
+def noise(rng: np.random.Generator, h: int, w: int, scale: float, k: int | None = None) -> np.ndarray:
+    """Smooth value noise, roughly N(0, 1), with features about ``scale`` pixels across; ``k`` independent
+    fields ``(k, h, w)`` at once when given."""
     scale = max(float(scale), 1.0)
-    grid = rng.standard_normal((int(h / scale) + 3, int(w / scale) + 3)).astype(np.float32)
+    grid = rng.standard_normal((*(() if k is None else (k,)), int(h / scale) + 3, int(w / scale) + 3))
+    grid = grid.astype(np.float32)
     y = np.arange(h, dtype=np.float32) / scale + rng.uniform(0, 1)
     x = np.arange(w, dtype=np.float32) / scale + rng.uniform(0, 1)
     y0, x0 = y.astype(np.int64), x.astype(np.int64)
     fy, fx = y - y0, x - x0
     fy, fx = (fy * fy * (3 - 2 * fy))[:, None], (fx * fx * (3 - 2 * fx))[None, :]
-    cols = grid[:, x0] * (1 - fx) + grid[:, x0 + 1] * fx  # separable: along x on the coarse rows first
-    out = cols[y0] * (1 - fy) + cols[y0 + 1] * fy
+    cols = grid[..., x0] * (1 - fx) + grid[..., x0 + 1] * fx  # separable: along x on the coarse rows first
+    out = cols[..., y0, :] * (1 - fy) + cols[..., y0 + 1, :] * fy
     return out / np.float32(0.743)  # 0.743: std of smoothstep-interpolated N(0, 1)
 
 
@@ -277,9 +217,17 @@ def pasture(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
     lab = voronoi(rng, h, w, n, warp=3)
     # Lushness per parcel around this tile's level (season, grazing); symmetric about 0.5 to keep the class
     # mean, and reaching past the two materials (drier, lusher) as real meadows do.
-    f = 0.5 + 0.25 * rng.normal() + 0.5 * rng.normal(size=n)[lab] + 0.05 * noise(rng, h, w, 16)
+    f = 0.5 + 0.25 * rng.normal() + 0.35 * rng.normal(size=n)[lab] + 0.05 * noise(rng, h, w, 16)
     dry, lush = (paint(lab, jitter(rng, np.tile(s[m], (n, 1)), 0.1, 0.04)) for m in ("dry", "lush"))
-    return mix(dry, lush, np.clip(f, -0.6, 1.6)) * (1 + 0.01 * noise(rng, h, w, 2))[None]
+    img = mix(dry, lush, np.clip(f, -0.6, 1.6)) * (1 + 0.01 * noise(rng, h, w, 2))[None]
+    if rng.random() < HEDGE_SHARE:  # hedgerows (trees: the Forest crown spectrum) along parcel boundaries
+        edge = np.zeros((h, w), bool)
+        edge[1:] |= lab[1:] != lab[:-1]
+        edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+        keep = rng.random(n * n).reshape(n, n) < 0.7  # some boundaries are fences only
+        hedge = ndimage.binary_dilation(edge, iterations=int(rng.integers(0, 2))) & keep[lab, np.roll(lab, 1, 0)]
+        blend(img, jitter(rng, spectra("Forest")["crown"][None], 0.1)[0], hedge.astype(np.float32) * 0.8)
+    return img
 
 
 def herbaceous(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
@@ -385,7 +333,7 @@ def residential(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray
     slot = np.floor(sv / period).astype(np.int64)
     house = row & (sv - slot * period < 0.75 * period) & ~street
     hid = (p["label"] * 131 + slot * 7 + side) % 997  # a house id, hashed into a table of roof colours
-    roofs = paint(hid, jitter(rng, np.tile(s["roof"], (997, 1)), 0.3, 0.06))
+    roofs = paint(hid, jitter(rng, np.tile(s["roof"], (997, 1)), 0.2, 0.06))
     house &= (rng.random(997) < 0.9)[hid]  # some empty plots
     # Gardens: trees and lawns (below 0) to driveways, paved yards and shadow (towards 1), mean 0.35.
     yard = np.clip(0.35 + 0.5 * fractal(rng, h, w, 3, 2), -0.5, 1.2)
@@ -411,31 +359,66 @@ GENERATORS: dict[str, Callable[..., np.ndarray]] = {
     "Industrial": industrial, "Pasture": pasture, "PermanentCrop": permanent_crop, "Residential": residential,
     "River": river, "SeaLake": sea_lake,
 }
-#: How much of the real between-tile variation to add as whole-tile spectral factors; the rest comes from
-#: each generator's own composition changes (tuned so synthetic tile-mean spread matches the real one).
-VARIATION_SCALE: dict[str, float] = {c: 0.9 for c in GENERATORS}
-
-
-AEROSOL_CONTRAST = 0.5
+#: How much of the real between-tile variation (TILE_PCS) to add as whole-tile spectral factors; the rest comes
+#: from each generator's own composition changes (tuned so synthetic tile-mean spread matches the real one).
+VARIATION_SCALE = 0.8
+#: B01 (443 nm, aerosols), B09 (945 nm, water vapour) and B10 (1375 nm, cirrus) see the atmosphere more than the
+#: ground: how much of the ground's contrast they keep, and the relative size of their own smooth field (haze,
+#: vapour, thin cirrus). Set so synthetic correlations with the other bands approach the real dev tiles'
+#: (B10 with B06-B8A 0.08-0.14, B01 with B06-B8A 0.03-0.15, B09 with B06-B07 0.8) and within-tile log std of
+#: B10 (0.09: about 1 DN of 12) and B01 (0.05).
+GROUND_CONTRAST = {0: 0.6, 8: 1.0, 9: 0.5}
+ATMOS_FIELD = {0: (0.01, 32), 8: (0.02, 32), 9: (0.13, 8)}  # relative amplitude, feature size (pixels)
+ATMOSPHERIC = tuple(GROUND_CONTRAST)
+#: Spectral variation not along the material mixtures (log sd, feature size in pixels), one field per group of
+#: bands: real materials are not exact mixtures of a few spectra, so the visible, red edge, NIR and SWIR groups
+#: decorrelate a little within a tile (real dev tiles: B05-B11 0.83, B03-B12 0.67), bands within a group hardly
+#: (B06-B07 0.96).
+SPECTRAL_JITTER_SIZE = 4
+#: Real dev Pasture tiles often show hedgerows between fields (bocage); this share of synthetic ones do.
+HEDGE_SHARE = 0.5
+BAND_GROUP = np.array([-1, 0, 0, 0, 1, 2, 2, 2, 2, -1, 3, 3, 2])  # -1: atmospheric bands, none
 
 
 def variation(rng: np.random.Generator, cls: str) -> np.ndarray:
-    """Whole-tile spectral factors (13,): illumination, season, haze and water vapour differ between tiles."""
-    cv = np.asarray(TILE_CV[cls]) * VARIATION_SCALE[cls]
-    z = 0.7 * rng.normal() + 0.714 * rng.normal(size=N_BANDS)  # correlated across bands, not identical
-    return np.exp(cv * z - cv ** 2 / 2).astype(np.float32)
+    """Whole-tile spectral factors (13,), mean one: a random mix of the class's real between-tile directions."""
+    pcs = np.asarray(TILE_PCS[cls]) * VARIATION_SCALE
+    return np.exp(rng.standard_normal(len(pcs)) @ pcs - (pcs ** 2).sum(0) / 2).astype(np.float32)
+
+
+def fine_texture(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarray:
+    """Multiplicative sub-parcel texture ``(13, h, w)``, mean about one: brightness (shadows, gaps, single trees,
+    cars) and vegetation density (NIR up, visible and SWIR down), each a field a pixel or two across, and a
+    little spectral variation per group of bands (SPECTRAL_JITTER_SIZE pixels across)."""
+    bright, veg, amp = FINE_TEXTURE[cls]
+    u, v = ndimage.gaussian_filter(rng.standard_normal((2, h, w)).astype(np.float32), (0, FINE_SIGMA, FINE_SIGMA),
+                                   truncate=3.0) * FINE_GAIN
+    fields = np.concatenate([noise(rng, h, w, SPECTRAL_JITTER_SIZE, BAND_GROUP.max() + 1),
+                             np.zeros((1, h, w), np.float32)])[BAND_GROUP]  # the last, zero: atmospheric bands
+    loading = veg * VEG_LOADING[:, None, None]
+    log = np.float32(amp) * fields
+    log += bright * u[None] + loading * v[None]
+    log -= ((bright ** 2 + loading ** 2 + amp ** 2 * (BAND_GROUP >= 0)[:, None, None]) / 2).astype(np.float32)
+    return np.exp(log, out=log)
 
 
 def surface(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarray:
     """One patch of class ``cls``: texture times this patch's spectral variation, ``(13, h, w)`` float32."""
     img = GENERATORS[cls](rng, h, w, spectra(cls))
-    # B01 (443 nm, aerosols) is mostly smooth path radiance: the ground's contrast shows only weakly.
-    img[0] = img[0].mean() + AEROSOL_CONTRAST * (img[0] - img[0].mean())
-    return img * variation(rng, cls)[:, None, None]
+    img *= fine_texture(rng, cls, h, w)
+    for b in ATMOSPHERIC:  # mostly smooth path radiance: the ground's contrast shows only weakly
+        mean = img[b].mean()
+        amp, size = ATMOS_FIELD[b]
+        img[b] = mean * (1 + amp * noise(rng, h, w, size)) + GROUND_CONTRAST[b] * (img[b] - mean)
+    img *= variation(rng, cls)[:, None, None]
+    return img.astype(np.float32, copy=False)
 
 
 def sensor(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
-    """Add sensor noise and band-dependent blur to ``(..., 13, h, w)`` float DN; return uint16 in 1..MAX_DN."""
+    """Add sensor noise and band-dependent blur to ``(..., 13, h, w)`` float DN; return uint16 in 1..MAX_DN.
+
+    Noise before the blur is smoothed with the 20 m and 60 m bands (resampled to 10 m, as in EuroSAT); the 10 m
+    bands get their white detector noise after the blur (MTF), as real 10 m pixels show it."""
     sd = img * np.float32(0.004)  # noise grows with signal (shot noise) above a floor (read noise)
     sd += 1.0
     sd *= rng.standard_normal(img.shape, dtype=np.float32)
@@ -445,4 +428,6 @@ def sensor(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     for b in range(N_BANDS):
         ndimage.gaussian_filter(img[..., b, :, :], lead + (BLUR_SIGMA[b],) * 2, mode="reflect", truncate=3.0,
                                 output=img[..., b, :, :])
+        if NOISE_10M[b]:
+            img[..., b, :, :] += rng.standard_normal(img[..., b, :, :].shape, dtype=np.float32) * NOISE_10M[b]
     return np.clip(np.rint(img), 1, MAX_DN).astype(np.uint16)
