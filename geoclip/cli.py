@@ -96,7 +96,30 @@ def cmd_registry(args) -> None:
 
 def cmd_score(args) -> None:
     """Score large scenes with the registered champion."""
-    _print(stages.score(load_params(args.params), model_uri=args.model, source=args.scenes, out_dir=args.out))
+    from dataclasses import replace
+
+    params = load_params(args.params)
+    if args.classes or args.classes_file:  # the command line's class list replaces params.yaml's
+        from geoclip.model.vocab import parse_class_list
+
+        if args.classes and args.classes_file:
+            raise GeoclipError("--classes and --classes-file: give one of them")
+        names = parse_class_list(args.classes) if args.classes else []
+        params = replace(params, score=replace(params.score, classes=names, classes_file=args.classes_file or ""))
+    _print(stages.score(params, model_uri=args.model, source=args.scenes, out_dir=args.out))
+
+
+def _class_list(args) -> dict[str, list[str]] | None:
+    """The served model's class params from ``--classes`` or ``--classes-file`` (None: the trained classes)."""
+    from geoclip.model.vocab import parse_class_list, read_class_file, served_params
+
+    if args.classes and args.classes_file:
+        raise GeoclipError("--classes and --classes-file: give one of them")
+    if args.classes:
+        return served_params(parse_class_list(args.classes))
+    if args.classes_file:
+        return served_params(*read_class_file(args.classes_file))
+    return None
 
 
 def cmd_predict(args) -> None:
@@ -108,7 +131,8 @@ def cmd_predict(args) -> None:
         from geoclip.registry.tracking import configure
 
         configure(params)
-    df = predict_tiles(args.tiles, args.model or params.score.model_uri, args.out, batch_size=args.batch_size)
+    df = predict_tiles(args.tiles, args.model or params.score.model_uri, args.out, batch_size=args.batch_size,
+                       classes=_class_list(args))
     print(f"wrote {args.out} ({len(df)} tiles)")
 
 
@@ -164,6 +188,14 @@ def cmd_services(args) -> None:
     print("services stopped")
 
 
+def _class_options(p: argparse.ArgumentParser) -> None:
+    """``--classes`` / ``--classes-file``: answer over any class list instead of the trained one."""
+    p.add_argument("--classes", default=None, help='class names to answer over, e.g. "lake, forest, vineyard" '
+                   "(default: the model's trained classes)")
+    p.add_argument("--classes-file", default=None,
+                   help="YAML with names (and optionally descriptions, templates), as params.yaml's classes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="geoclip", description=__doc__)
@@ -183,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model URI (default: score.model_uri)")
     p.add_argument("--scenes", default=None, help="folder or s3:// prefix of scenes (default: score.scenes)")
     p.add_argument("--out", default=None, help="output folder or s3:// prefix (default: paths.scores)")
+    _class_options(p)
     p.set_defaults(func=cmd_score)
     p = sub.add_parser("registry", help=cmd_registry.__doc__, parents=[common])
     p.add_argument("action", choices=["promote", "rollback", "list"])
@@ -194,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="MLflow model URI (default: score.model_uri)")
     p.add_argument("--out", default="preds.csv", help="output CSV (default: preds.csv)")
     p.add_argument("--batch-size", type=int, default=256)
+    _class_options(p)
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__, parents=[common])
     p.add_argument("--real", required=True, help="folder of real EuroSAT_MS tiles to compare with")

@@ -190,6 +190,11 @@ class ScoreConfig:
     dask_address: str = ""  # "dask": scheduler address (tcp://host:8786); "" = a local Dask cluster
     dask_workers: int = 2  # workers of the local Dask cluster (dask_address "")
     tta: bool = False  # 8 flips/rotations per window: overlapping windows already blend views; 8x slower
+    # Answer over other classes than the model's trained ones: a list of names, or a YAML file shaped like the
+    # classes section (names, descriptions, templates). Empty: the trained classes. Scenes are scored once per
+    # (content, model, class list).
+    classes: list[str] = field(default_factory=list)
+    classes_file: str = ""
     claim_timeout_s: int = 3600  # a scene claim older than this is taken to belong to a crashed run
     wait_timeout_s: int = 21600  # longest wait for a scene another live run is scoring; then an error (try later)
 

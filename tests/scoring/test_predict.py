@@ -12,7 +12,9 @@ from big_files import SCENE_SIZE, write_full_scene
 from factories import make_model_dir, make_tile, synthetic_tiles, torch_predict
 
 from geoclip.bands import EUROSAT_CLASSES
+from geoclip.cli import main
 from geoclip.errors import GeoclipError
+from geoclip.model.vocab import served_params
 from geoclip.registry.models import load_served_model
 from geoclip.registry.pyfunc import save_pyfunc
 from geoclip.scoring.predict import predict_tiles
@@ -84,3 +86,31 @@ def test_full_scene_among_tiles_is_refused_before_its_pixels_are_read(tmp_path, 
     assert f"tile shape (13, {SCENE_SIZE}, {SCENE_SIZE}), the model expects (13, 64, 64)" in msg
     assert "geoclip score" in msg  # what to do with a scene
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_any_class_list_names_the_columns_and_a_bad_one_writes_nothing(tmp_path, model_uri):
+    write_tiles(tmp_path / "tiles", synthetic_tiles(3))
+    out = tmp_path / "preds.csv"
+    df = predict_tiles(tmp_path / "tiles", model_uri, out, batch_size=2,
+                       classes=served_params(["lake", "forêt", "Forest"]))
+    assert list(df.columns) == ["id", "path", "predicted", "confidence", "prob_lake", "prob_forêt", "prob_Forest"]
+    assert set(df["predicted"]) <= {"lake", "forêt", "Forest"}
+    pd.testing.assert_frame_equal(pd.read_csv(out, encoding="utf-8"), df, check_dtype=False, atol=1e-6)
+    assert main(["predict", str(tmp_path / "tiles"), "--model", model_uri, "--out", str(tmp_path / "cli.csv"),
+                 "--classes", "lake, forêt, Forest"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cli.csv"), df, check_dtype=False, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--classes", "lake"], "--classes: 1 class"),
+    (["--classes", "lake, Lake"], "repeats"),
+    (["--classes", "a, b", "--classes-file", "x.yaml"], "give one of them"),
+    (["--classes-file", "missing.yaml"], "cannot read the class file"),
+])
+def test_bad_class_lists_exit_2_with_one_line(tmp_path, model_uri, capsys, args, message):
+    write_tiles(tmp_path / "tiles", synthetic_tiles(1))
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(tmp_path / "tiles"), "--model", model_uri, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -179,6 +179,52 @@ def test_same_file_name_in_two_folders_is_two_scenes(tmp_path, mlflow_server, mo
     assert [r["status"] for r in score_scenes(params, out_dir=str(out))] == ["skipped", "skipped"]
 
 
+def test_scenes_scored_over_another_class_list_once_per_list(tmp_path, mlflow_server, monkeypatch):
+    """The champion answers over the user's classes: class map, areas and summary in those names; the trained
+    list's outputs do not make the new list's run a no-op, and each list is scored once."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name = f"geoclip-{uuid.uuid4().hex[:8]}"
+    register_champion(tmp_path, mlflow_server, name)
+    write_scene(tmp_path / "scenes" / "scene_0.tif", h=128, w=128)
+    score = {"model_uri": f"models:/{name}@champion", "scenes": str(tmp_path / "scenes"), "batch_size": 64}
+    mlflow = {"tracking_uri": mlflow_server, "experiment": "test-score"}
+    trained = params_from_dict({"mlflow": mlflow, "score": score})
+    out = tmp_path / "scores"
+    assert [r["status"] for r in score_scenes(trained, out_dir=str(out))] == ["scored"]
+    (tmp_path / "classes.yaml").write_text("names: [lake, forêt, vineyard]\ndescriptions: {vineyard: grape vines}\n",
+                                           encoding="utf-8")
+    custom = params_from_dict({"mlflow": mlflow, "score": score | {"classes_file": str(tmp_path / "classes.yaml")}})
+
+    (result,) = score_scenes(custom, out_dir=str(out))
+
+    assert result["status"] == "scored" and result["class_names"] == ["lake", "forêt", "vineyard"]
+    assert result["model_uri"].startswith(f"models:/{name}/1#classes=")
+    assert set(result["classes"]) == {"lake", "forêt", "vineyard"}
+    with rasterio.open(out / "scene_0_classmap.tif") as cm:
+        values = set(np.unique(cm.read(1)).tolist())
+    assert values - {255} and values <= {0, 1, 2, 255}  # the three classes and nodata
+    assert sum(c["pixels"] for c in result["classes"].values()) + result["nodata_pixels"] == 128 * 128
+    assert [r["status"] for r in score_scenes(custom, out_dir=str(out))] == ["skipped"]
+    # One output folder holds one class list: going back replaces the outputs (and the ledger says so).
+    (back,) = score_scenes(trained, out_dir=str(out))
+    assert back["status"] == "scored" and back["class_names"] == list(EUROSAT_CLASSES)
+    assert [r["status"] for r in score_scenes(trained, out_dir=str(out))] == ["skipped"]
+
+
+@pytest.mark.parametrize("score, message", [
+    ({"classes": ["lake"]}, "score.classes: 1 class"),
+    ({"classes": [f"class {i}" for i in range(300)]}, "at most 254"),
+    ({"classes": ["a", "b"], "classes_file": "x.yaml"}, "both set"),
+    ({"classes_file": "missing.yaml"}, "cannot read the class file"),
+])
+def test_bad_scoring_class_lists_fail_before_any_scene_is_touched(tmp_path, score, message):
+    write_scene(tmp_path / "scenes" / "scene_0.tif", h=64, w=64)
+    params = params_from_dict({"score": score | {"scenes": str(tmp_path / "scenes"), "model_uri": "models:/x/1"}})
+    with pytest.raises(GeoclipError, match=message):
+        score_scenes(params, out_dir=str(tmp_path / "scores"))
+    assert not (tmp_path / "scores").exists()
+
+
 def test_scene_keys_are_paths_below_the_root():
     assert scene_key("/data/scenes/2023/T32UQD.tif", "/data/scenes") == "2023/T32UQD"
     assert scene_key("/data/scenes/scene_0.tif", "/data/scenes/") == "scene_0"  # flat folders keep their stems
@@ -423,3 +469,17 @@ def test_scene_scoring_asks_the_model_for_score_tta_not_its_default(tmp_path, tt
     params = params_from_dict({"score": {"tta": tta, "quicklook": False}, "paths": {"reports": str(tmp_path / "r")}})
     score_one(params, Recording(str(scene)), str(scene), str(tmp_path / "out"))
     assert Recording.seen and all(p["tta"] is tta for p in Recording.seen)
+
+
+def test_a_model_that_ignores_the_class_list_is_refused_not_mislabelled(tmp_path):
+    """A model logged before class lists answers over its ten classes whatever it is asked: naming those columns
+    after the user's classes would be silently wrong."""
+    from scoring_fakes import FakeModel
+
+    scene = tmp_path / "scenes" / "scene_0.tif"
+    write_scene(scene, h=128, w=128)
+    params = params_from_dict({"score": {"classes": ["water", "land"], "quicklook": False},
+                               "paths": {"reports": str(tmp_path / "r")}})
+    with pytest.raises(GeoclipError, match="10 class columns for 2 classes; it predates class lists"):
+        score_one(params, FakeModel(str(scene)), str(scene), str(tmp_path / "out"), model_uri="models:/old/1")
+    assert not (tmp_path / "out" / "scene_0_classmap.tif").exists()
