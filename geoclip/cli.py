@@ -136,6 +136,16 @@ def cmd_predict(args) -> None:
     print(f"wrote {args.out} ({len(df)} tiles)")
 
 
+def cmd_search(args) -> None:
+    """Find windows (from scoring's embeddings) or tiles that match a text query."""
+    from geoclip.scoring.search import run_search
+
+    hits = run_search(load_params(args.params), args.text, index=args.index, tiles=args.tiles, model_uri=args.model,
+                      out_dir=args.out, top=args.top, mosaic=not args.no_mosaic)
+    print(hits.drop(columns=["crs"]).head(10).to_string(index=False))
+    print(f"wrote {args.out}/hits.geojson, hits.csv" + ("" if args.no_mosaic else ", hits.png") + f" ({len(hits)} hits)")
+
+
 def cmd_storage(args) -> None:
     """DVC storage: `configure` the S3 remote in .dvc/config.local, or print the data `version`."""
     from geoclip.data.storage import configure_remote, data_version
@@ -229,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     _class_options(p)
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("search", help=cmd_search.__doc__, parents=[common])
+    p.add_argument("text", help='what to find, e.g. "a river crossing farmland"')
+    p.add_argument("--index", default=None, help="folder, file or s3:// prefix of *_embeddings.parquet "
+                   "(scoring with score.embeddings: true writes them)")
+    p.add_argument("--tiles", default=None, help="a folder or manifest of tiles to search as well")
+    p.add_argument("--model", default=None, help="model URI or folder (default: the index's, else score.model_uri)")
+    p.add_argument("--top", type=int, default=None, help="hits to return (default: search.top)")
+    p.add_argument("--out", default="search", help="output folder (default: search)")
+    p.add_argument("--no-mosaic", action="store_true", help="skip the quick-look mosaic of the hits")
+    p.set_defaults(func=cmd_search)
     p = sub.add_parser("calibrate", help=cmd_calibrate.__doc__, parents=[common])
     p.add_argument("--real", required=True, help="folder of real EuroSAT_MS tiles to compare with")
     p.add_argument("--out", default="docs/calibration.md")

@@ -186,6 +186,7 @@ class ScoreConfig:
     nodata: int = 0  # input value that, in every band, marks a pixel as nodata (class map: 255)
     quicklook: bool = True  # also write a small PNG of the class map per scene
     probabilities: bool = False  # also write a per-class probability COG (uint8, 0-255 = 0-1) per scene
+    embeddings: bool = False  # also write each window's embedding and footprint (GeoParquet) for `geoclip search`
     task_runner: str = "thread"  # Prefect fan-out over scenes: "thread" (one machine) or "dask"
     dask_address: str = ""  # "dask": scheduler address (tcp://host:8786); "" = a local Dask cluster
     dask_workers: int = 2  # workers of the local Dask cluster (dask_address "")
@@ -197,6 +198,18 @@ class ScoreConfig:
     classes_file: str = ""
     claim_timeout_s: int = 3600  # a scene claim older than this is taken to belong to a crashed run
     wait_timeout_s: int = 21600  # longest wait for a scene another live run is scoring; then an error (try later)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Free-text search over scored windows (``geoclip search``)."""
+
+    top: int = 20
+    # From this many windows an approximate index answers (faiss IVF-SQ8, built once and saved beside the
+    # embeddings); below it, exact search. bench/search.py measures both.
+    ann_min_windows: int = 2_000_000
+    nprobe: int = 32  # inverted lists scanned per query: recall against latency
+    nlist: int = 0  # inverted lists (0: about sqrt(windows))
 
 
 @dataclass(frozen=True)
@@ -237,6 +250,7 @@ class Params:
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 

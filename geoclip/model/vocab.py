@@ -114,7 +114,10 @@ def vocabulary(cfg: ModelConfig, names: list[str], descriptions: dict[str, str] 
     """
     names = check_names(list(names), "classes")
     custom = bool(descriptions) or bool(templates)
-    templates = _check_templates(list(templates), "templates") if templates else list(cfg.templates or DEFAULT_TEMPLATES)
+    if templates:
+        templates = _check_templates(list(templates), "templates")
+    else:
+        templates = list(cfg.templates or DEFAULT_TEMPLATES)
     wording = {**cfg.descriptions, **(descriptions or {})}
     trained = dict(zip(cfg.class_names, cfg.prompts, strict=True))
     prompts = [tuple(trained[name]) if name in trained and not custom
@@ -142,4 +145,15 @@ def class_embeddings(model: GeoCLIP, vocab: Vocabulary) -> torch.Tensor:
             for prompts in vocab.prompts]
     param = next(model.parameters())
     with torch.no_grad():
-        return model.embed_classes(torch.cat(rows).to(param.device, param.dtype), counts=[len(p) for p in vocab.prompts])
+        features = torch.cat(rows).to(param.device, param.dtype)
+        return model.embed_classes(features, counts=[len(p) for p in vocab.prompts])
+
+
+def query_embedding(model: GeoCLIP, text: str, templates: list[str] | None = None) -> torch.Tensor:
+    """Unit embedding ``(embed_dim,)`` of a free-text query, worded with the model's templates like a class."""
+    if not isinstance(text, str) or not text.strip():
+        raise GeoclipError(f"query {text!r}: expected some text, e.g. 'a river crossing farmland'")
+    text = " ".join(text.split())
+    templates = _check_templates(list(templates), "templates") if templates else list(
+        model.cfg.templates or DEFAULT_TEMPLATES)
+    return class_embeddings(model, Vocabulary((text,), (tuple(t.format(text) for t in templates),)))[0]

@@ -24,7 +24,9 @@ from tqdm import tqdm
 from geoclip.errors import GeoclipError
 from geoclip.scoring.scene_io import COG_BLOCK, AlignedWriter, gdal_path, scan_windows, to_cog
 
-PredictFn = Callable[[np.ndarray], np.ndarray]
+# Probabilities (N, C) for a batch of windows, or a dict with "probabilities" and "embeddings" (N, D).
+PredictFn = Callable[[np.ndarray], np.ndarray | dict]
+EmbeddingSink = Callable[[list[tuple[int, int]], np.ndarray], None]
 NODATA_CLASS = 255
 PROB_SCALE = 254  # probability rasters: 0-254 = probability 0-1, so that 255 stays free for nodata
 
@@ -76,10 +78,11 @@ def _cells_to_rows(acc: np.ndarray, hits: np.ndarray, valid: np.ndarray, stride:
 
 
 def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: int, batch_size: int, nodata: int,
-               probabilities: bool = False) -> Iterator[BlendedRows]:
+               probabilities: bool = False, embeddings: EmbeddingSink | None = None) -> Iterator[BlendedRows]:
     """Average overlapping window probabilities on a grid of ``stride`` cells; yield final output rows top to bottom.
 
     Only the cell rows that later windows can still touch are held: memory follows the strip, not the scene.
+    ``embeddings`` receives each batch's window positions and embeddings (``predict_fn`` must return them).
     """
     gw = math.ceil(src.width / stride)
     acc, hits = np.zeros((n_classes, 0, gw), np.float32), np.zeros((0, gw), np.int32)
@@ -87,7 +90,12 @@ def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: 
     with tqdm(total=src.height, desc=f"score {Path(src.name).name}", unit="row") as bar:
         for batch in scan_windows(src, window, stride, batch_size, nodata):
             if batch.where:
-                probs = np.asarray(predict_fn(batch.tiles))
+                out = predict_fn(batch.tiles)
+                probs = np.asarray(out["probabilities"] if isinstance(out, dict) else out)
+                if embeddings is not None:
+                    if not isinstance(out, dict) or "embeddings" not in out:
+                        raise GeoclipError("model output: no embeddings to write (score.embeddings is on)")
+                    embeddings(batch.where, np.asarray(out["embeddings"]))
                 if probs.shape != (len(batch.where), n_classes):
                     raise GeoclipError(f"model output: shape {probs.shape}, expected ({len(batch.where)}, {n_classes})")
                 acc, hits = _grow(acc, hits, -(-(batch.where[-1][0] + window) // stride) - c0)  # rows come in order

@@ -29,12 +29,15 @@ from geoclip.ioutils import atomic_path, write_json
 
 # Re-exported, part of this module's API: window_starts, PROB_SCALE, blend_rows.
 from geoclip.scoring.blend import NODATA_CLASS, PROB_SCALE, PredictFn, blend_rows, class_colors, write_outputs  # noqa: F401
+from geoclip.scoring.embeddings import SUFFIX as EMBEDDINGS_SUFFIX
+from geoclip.scoring.embeddings import EmbeddingWriter
 from geoclip.scoring.scene_io import gdal_path, scene_env, window_starts  # noqa: F401
 
 SCENE_SUFFIXES = (".tif", ".tiff")
 SCENE_DTYPE = "uint16"  # the digital numbers the model reads (also the scenes suite's dtype rule)
 SUMMARY_FILE = "summary.json"
-OUTPUT_KEYS = ("classmap", "probabilities", "quicklook", "summary")  # per-scene outputs; the summary names the others
+# Per-scene outputs; the summary names the others (and goes last).
+OUTPUT_KEYS = ("classmap", "probabilities", "quicklook", "embeddings", "summary")
 
 
 def pixel_area_m2(src, scene: Path | str) -> float:
@@ -100,9 +103,10 @@ def _find_truth(scene: Path | str, truth: Path | str | None) -> str | None:
 def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_names: list[str], window: int = 64,
                 stride: int = 32, batch_size: int = 256, nodata: int = 0, n_bands: int = 13,
                 model_uri: str | None = None, scene_name: str | None = None, quicklook: bool = True,
-                truth: Path | str | None = None, probabilities: bool = False) -> dict:
+                truth: Path | str | None = None, probabilities: bool = False, embeddings: bool = False) -> dict:
     """Score one local or ``s3://`` scene: blended class map COG, optional per-class probability COG, per-class
-    areas and, if a truth map exists, pixel accuracy."""
+    areas, if a truth map exists pixel accuracy and, with ``embeddings``, each window's embedding and footprint
+    (GeoParquet, see geoclip.scoring.embeddings)."""
     out_dir, stem = Path(out_dir), Path(str(scene)).stem
     if stride <= 0 or stride > window or window % stride:
         raise GeoclipError(f"stride {stride}: must be positive and divide the window ({window})")
@@ -116,9 +120,26 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
         outs = {"classmap": out_dir / f"{stem}_classmap.tif"}
         if probabilities:
             outs["probabilities"] = out_dir / f"{stem}_probabilities.tif"
-        rows = blend_rows(predict_fn, src, len(class_names), window, stride, batch_size, nodata, probabilities)
-        counts, correct, judged = write_outputs(
-            rows, src, outs, list(class_names), {"model_uri": str(model_uri), "scene": scene_name or str(scene)}, truth)
+        writer: list[EmbeddingWriter] = []  # made at the first batch, when the embedding width is known
+
+        def sink(where: list[tuple[int, int]], emb: np.ndarray) -> None:
+            if not writer:
+                writer.append(EmbeddingWriter(out_dir / f"{stem}{EMBEDDINGS_SUFFIX}", scene_name or str(scene),
+                                              src.transform, src.crs, window, emb.shape[1], model_uri))
+            writer[0].add(where, emb)
+
+        rows = blend_rows(predict_fn, src, len(class_names), window, stride, batch_size, nodata, probabilities,
+                          sink if embeddings else None)
+        try:
+            counts, correct, judged = write_outputs(
+                rows, src, outs, list(class_names), {"model_uri": str(model_uri), "scene": scene_name or str(scene)},
+                truth)
+        except BaseException:
+            for part in writer:
+                part.abort()
+            raise
+        for part in writer:
+            outs["embeddings"] = part.close()
         h, w, crs = src.height, src.width, src.crs.to_string()
     seconds = time.perf_counter() - started
     summary = {
@@ -249,13 +270,16 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
         progress()  # a batch was read: the exactly-once claim may be renewed
         # score.tta, not the pyfunc default (tiles are served with the evaluated TTA; scenes rarely want 8x the work).
         served = {"batch_size": cfg.batch_size, "tta": cfg.tta, **(classes or {})}
-        probs = model.predict(x, params=served)["probabilities"]
-        return check_class_columns(np.asarray(probs), classes["classes"], str(model_uri)) if classes else probs
+        out = model.predict(x, params=served)
+        probs = out["probabilities"]
+        if classes:
+            probs = check_class_columns(np.asarray(probs), classes["classes"], str(model_uri))
+        return {"probabilities": probs, "embeddings": out["embeddings"]} if cfg.embeddings else probs
 
-    kwargs = {"class_names": classes["classes"] if classes else meta["class_names"], "window": cfg.window, "stride": cfg.stride,
-              "batch_size": cfg.batch_size, "nodata": cfg.nodata, "n_bands": len(meta["input_band_names"]),
+    kwargs = {"class_names": classes["classes"] if classes else meta["class_names"], "window": cfg.window,
+              "stride": cfg.stride, "batch_size": cfg.batch_size, "nodata": cfg.nodata, "n_bands": len(meta["input_band_names"]),
               "model_uri": model_uri, "scene_name": str(scene_uri), "quicklook": cfg.quicklook,
-              "probabilities": cfg.probabilities}
+              "probabilities": cfg.probabilities, "embeddings": cfg.embeddings}
     if not checked:
         check_scenes(params, [scene_uri], kwargs["n_bands"])
     if not s3.is_s3(out_uri):
