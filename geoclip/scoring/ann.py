@@ -22,6 +22,7 @@ INDEX_FILE = "_search.faiss"
 META_FILE = "_search.json"
 TRAIN_PER_LIST = 64  # k-means sample: faiss warns below 39 points per centroid
 ADD_CHUNK = 1 << 20
+REFINE = 4  # candidates from the 8-bit codes per hit wanted, re-scored exactly when the vectors are at hand
 
 
 def default_nlist(n: int) -> int:
@@ -46,10 +47,27 @@ def build(embeddings: np.ndarray, nlist: int = 0, seed: int = 0) -> faiss.Index:
     return index
 
 
-def query(index: faiss.Index, vectors: np.ndarray, top: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ids and scores ``(Q, top)`` of the approximate nearest windows (ids -1 where fewer were found)."""
+def query(index: faiss.Index, vectors: np.ndarray, top: int, nprobe: int, embeddings: np.ndarray | None = None,
+          refine: int = REFINE) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and scores ``(Q, top)`` of the approximate nearest windows (ids -1 where fewer were found).
+
+    With ``embeddings`` (the float16 vectors, e.g. memory-mapped), ``refine`` times ``top`` candidates are taken
+    from the 8-bit codes and re-scored exactly: the codes find the neighbourhood, the vectors order it (near-ties
+    inside one land-cover cluster are where 8 bits lose recall).
+    """
+    vectors = np.ascontiguousarray(np.atleast_2d(vectors), np.float32)
     index.nprobe = max(1, min(nprobe, index.nlist))
-    scores, ids = index.search(np.ascontiguousarray(np.atleast_2d(vectors), np.float32), top)
+    if embeddings is None:
+        scores, ids = index.search(vectors, top)
+        return ids, scores
+    _, candidates = index.search(vectors, top * refine)
+    ids = np.full((len(vectors), top), -1, np.int64)
+    scores = np.full((len(vectors), top), -np.inf, np.float32)
+    for q, (vector, cand) in enumerate(zip(vectors, candidates, strict=True)):
+        cand = cand[cand >= 0]
+        exact = embeddings[np.sort(cand)].astype(np.float32) @ vector
+        best = np.argsort(-exact, kind="stable")[:top]
+        ids[q, :len(best)], scores[q, :len(best)] = np.sort(cand)[best], exact[best]
     return ids, scores
 
 

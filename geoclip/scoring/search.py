@@ -187,7 +187,7 @@ def search(index: Index, query: np.ndarray, text: str, out_dir: str | Path, top:
     if ann is not None:
         from geoclip.scoring import ann as approximate
 
-        ids, sims = approximate.query(ann, query, top, nprobe)
+        ids, sims = approximate.query(ann, query, top, nprobe, embeddings=index.embeddings)
         order, scores = ids[0][ids[0] >= 0], sims[0][ids[0] >= 0]
     else:
         order, scores = rank(index.embeddings, query, top)
