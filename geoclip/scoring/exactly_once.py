@@ -104,15 +104,18 @@ def _forget_gdal_s3_cache(*uris: str) -> None:
             loaded = [line.split()[-1] for line in maps if "libgdal" in line and "/" in line]
     except OSError:
         loaded = []
-    name = loaded[0] if loaded else ctypes.util.find_library("gdal")
-    if name:
+    # Every copy: wheels bundle their own libgdal (rasterio's, pyogrio's, ...), each with its own cache, and the
+    # one rasterio reads through is not necessarily the first mapped.
+    names = list(dict.fromkeys(loaded)) or [n for n in [ctypes.util.find_library("gdal")] if n]
+    if names:
         from geoclip.scoring.scene_io import gdal_path, scene_env
 
-        clear = ctypes.CDLL(name).VSICurlPartialClearCache
-        clear.argtypes = [ctypes.c_char_p]
         with scene_env(*remote):  # GDAL maps the path to a URL: it needs the same endpoint settings as the reads
-            for uri in remote:
-                clear(gdal_path(uri).encode())
+            for name in names:
+                clear = ctypes.CDLL(name).VSICurlPartialClearCache
+                clear.argtypes = [ctypes.c_char_p]
+                for uri in remote:
+                    clear(gdal_path(uri).encode())
 
 
 

@@ -533,3 +533,20 @@ def test_waiting_for_another_runs_scene_has_a_deadline(tmp_path):
     thread.join(timeout=30)
     assert not thread.is_alive(), "waited for the other run without a deadline"
     assert "still being scored by another run" in outcome["error"] and "wait_timeout_s" in outcome["error"]
+
+
+def test_gdal_s3_cache_is_cleared_in_every_loaded_libgdal(monkeypatch):
+    """Wheels bundle their own libgdal (rasterio's, pyogrio's): the copy rasterio reads through must be cleared even
+    when another is mapped first, or a retry after an S3 outage keeps reading the cached failure. ctypes.CDLL is
+    wrapped only to record which libraries were called; the real clear runs."""
+    import ctypes
+
+    import pyogrio.raw  # noqa: F401 - maps pyogrio's own libgdal into this process, as a geopandas user's would
+    import rasterio  # noqa: F401
+
+    from geoclip.scoring.exactly_once import _forget_gdal_s3_cache
+
+    called, real = [], ctypes.CDLL
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *a, **k: called.append(name) or real(name, *a, **k))
+    _forget_gdal_s3_cache("s3://bucket/scenes/scene_0.tif", "/local/truth.tif")
+    assert any("rasterio" in name for name in called) and any("pyogrio" in name for name in called)
