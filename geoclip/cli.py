@@ -99,11 +99,9 @@ def cmd_score(args) -> None:
     from dataclasses import replace
 
     params = load_params(args.params)
-    if args.classes or args.classes_file:  # the command line's class list replaces params.yaml's
+    if args.classes or args.classes_file:  # the command line's class list replaces params.yaml's (checked there)
         from geoclip.model.vocab import parse_class_list
 
-        if args.classes and args.classes_file:
-            raise GeoclipError("--classes and --classes-file: give one of them")
         names = parse_class_list(args.classes) if args.classes else []
         params = replace(params, score=replace(params.score, classes=names, classes_file=args.classes_file or ""))
     _print(stages.score(params, model_uri=args.model, source=args.scenes, out_dir=args.out))
@@ -111,15 +109,9 @@ def cmd_score(args) -> None:
 
 def _class_list(args) -> dict[str, list[str]] | None:
     """The served model's class params from ``--classes`` or ``--classes-file`` (None: the trained classes)."""
-    from geoclip.model.vocab import parse_class_list, read_class_file, served_params
+    from geoclip.model.vocab import parse_class_list, requested_classes
 
-    if args.classes and args.classes_file:
-        raise GeoclipError("--classes and --classes-file: give one of them")
-    if args.classes:
-        return served_params(parse_class_list(args.classes))
-    if args.classes_file:
-        return served_params(*read_class_file(args.classes_file))
-    return None
+    return requested_classes(parse_class_list(args.classes) if args.classes else None, args.classes_file, "--classes")
 
 
 def cmd_predict(args) -> None:

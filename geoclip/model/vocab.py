@@ -106,6 +106,17 @@ def served_params(names: list[str], descriptions: dict[str, str] | None = None,
             "templates": list(templates or [])}
 
 
+def requested_classes(names: list[str] | None, classes_file: str | None, where: str) -> dict[str, list[str]] | None:
+    """The served model's class params for a list of names or a class file (one of them; None: the trained classes)."""
+    if names and classes_file:
+        raise GeoclipError(f"{where}: a class list and a class file are both set; give one of them")
+    if names:
+        return served_params(check_names(list(names), where))
+    if classes_file:
+        return served_params(*read_class_file(classes_file))
+    return None
+
+
 def vocabulary(cfg: ModelConfig, names: list[str], descriptions: dict[str, str] | None = None,
                templates: list[str] | None = None) -> Vocabulary:
     """Prompts for ``names``: each class worded by its description (given, else the trained one, else its name).

@@ -35,7 +35,7 @@ def _read_checked(path: str, bands: list[int], shape: tuple[int, ...]) -> np.nda
         raise GeoclipError(f"{path}: cannot be read as a raster ({str(exc).splitlines()[0]})") from exc
 
 
-def _read_batch(paths: list[str], bands: list[int], shape: tuple[int, ...]) -> np.ndarray:
+def read_tiles(paths: list[str], bands: list[int], shape: tuple[int, ...]) -> np.ndarray:
     """Read tiles into one ``(N, bands, H, W)`` uint16 array, checking each tile's header before its pixels."""
     out = np.empty((len(paths), *shape), np.uint16)
     for i, path in enumerate(paths):
@@ -70,7 +70,7 @@ def predict_tiles(source: str | Path, model_uri: str, out_csv: str | Path, batch
     paths = tiles["path"].tolist()
     probs = []
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch"):
-        batch = _read_batch(paths[start:start + batch_size], bands, (len(bands), size, size))
+        batch = read_tiles(paths[start:start + batch_size], bands, (len(bands), size, size))
         out = np.asarray(model.predict(batch, params={"batch_size": batch_size, **(classes or {})})["probabilities"])
         probs.append(check_class_columns(out, names, model_uri))
     p = np.concatenate(probs)

@@ -225,17 +225,10 @@ def check_scenes(params: Params, scenes: list[str | Path], n_bands: int, names: 
 
 def class_request(cfg: ScoreConfig) -> dict[str, list[str]] | None:
     """The served model's class params for ``score.classes`` / ``score.classes_file`` (None: the trained classes)."""
-    from geoclip.model.vocab import check_names, read_class_file, served_params
+    from geoclip.model.vocab import requested_classes
 
-    if cfg.classes and cfg.classes_file:
-        raise GeoclipError("score.classes and score.classes_file are both set; set one of them")
-    if cfg.classes:
-        request = served_params(check_names(list(cfg.classes), "score.classes"))
-    elif cfg.classes_file:
-        request = served_params(*read_class_file(cfg.classes_file))
-    else:
-        return None
-    if len(request["classes"]) >= NODATA_CLASS:
+    request = requested_classes(cfg.classes, cfg.classes_file, "score.classes")
+    if request and len(request["classes"]) >= NODATA_CLASS:
         where = "score.classes" if cfg.classes else cfg.classes_file
         raise GeoclipError(f"{where}: {len(request['classes'])} classes; a uint8 class map holds at most "
                            f"{NODATA_CLASS - 1} (predict tiles with `geoclip predict` for longer lists)")

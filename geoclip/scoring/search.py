@@ -92,23 +92,33 @@ def read_index(source: str | Path) -> Index:
 
 
 def index_tiles(source: str | Path, model, batch_size: int = 256) -> Index:
-    """Embed a folder (or manifest) of tiles as an index: each tile's footprint from its own georeferencing."""
-    from geoclip.bands import band_indices
-    from geoclip.data.tiles import discover_tiles, read_tile
-    from geoclip.model.clip import predict_batches
+    """Embed a folder (or manifest) of tiles as an index, batch by batch: each tile's footprint from its own header.
 
-    tiles = discover_tiles(source)
-    rows = []
-    for path in tiles["path"]:
-        with rasterio.open(path) as src:
-            b = src.bounds
-            rows.append({"scene": str(path), "row": 0, "col": 0, "size": src.width,
-                         "crs": src.crs.to_wkt() if src.crs else None,
-                         "xmin": b.left, "ymin": b.bottom, "xmax": b.right, "ymax": b.top})
+    Tiles are read as ``geoclip predict`` reads them (headers checked first, one-line errors), so memory follows
+    the batch.
+    """
+    from geoclip.bands import band_indices
+    from geoclip.data.tiles import discover_tiles
+    from geoclip.model.clip import predict_batches
+    from geoclip.scoring.predict import read_tiles
+
+    paths = [str(p) for p in discover_tiles(source)["path"]]
+    if not paths:
+        raise GeoclipError(f"{source}: no tiles to search")
+    n_in, size = len(model.cfg.input_band_names), model.cfg.tile_size
     idx = band_indices(model.cfg.band_names, tuple(model.cfg.input_band_names))
-    images = np.stack([read_tile(p) for p in tiles["path"]])
-    _, emb = predict_batches(model, images, batch_size, band_idx=idx)
-    return Index(pd.DataFrame(rows, columns=META_COLUMNS), emb.astype(np.float16), None)
+    rows, embeddings = [], []
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start:start + batch_size]
+        images = read_tiles(batch, list(range(n_in)), (n_in, size, size))  # a bad tile fails here, in one line
+        embeddings.append(predict_batches(model, images, batch_size, band_idx=idx)[1].astype(np.float16))
+        for path in batch:
+            with rasterio.open(path) as src:
+                b = src.bounds
+                rows.append({"scene": path, "row": 0, "col": 0, "size": src.width,
+                             "crs": src.crs.to_wkt() if src.crs else None,
+                             "xmin": b.left, "ymin": b.bottom, "xmax": b.right, "ymax": b.top})
+    return Index(pd.DataFrame(rows, columns=META_COLUMNS), np.concatenate(embeddings), None)
 
 
 def rank(embeddings: np.ndarray, query: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,14 +183,20 @@ def write_mosaic(hits: pd.DataFrame, path: Path, text: str) -> Path:
     return save_png(fig, path)
 
 
+def _check_top(top: int) -> int:
+    """``top`` when it asks for at least one hit."""
+    if top < 1:
+        raise GeoclipError(f"--top {top}: expected at least 1")
+    return top
+
+
 def search(index: Index, query: np.ndarray, text: str, out_dir: str | Path, top: int = 20,
            mosaic: bool = True, ann=None, nprobe: int = 32) -> pd.DataFrame:
     """Rank ``index`` against a unit query embedding; write ``hits.geojson``, ``hits.csv`` (and ``hits.png``).
 
     ``ann``: an approximate index over the same embeddings (geoclip.scoring.ann), scanned at ``nprobe``; else exact.
     """
-    if top < 1:
-        raise GeoclipError(f"--top {top}: expected at least 1")
+    _check_top(top)
     if query.shape[-1] != index.embeddings.shape[1]:
         raise GeoclipError(f"query embedding width {query.shape[-1]} != the index's {index.embeddings.shape[1]}; "
                            "embed the query with the model that wrote the index")
@@ -219,7 +235,7 @@ def run_search(params, text: str, index: str | Path | None = None, tiles: str | 
     from geoclip.model.vocab import query_embedding
     from geoclip.registry.models import load_geoclip
 
-    top = params.search.top if top is None else top
+    top = _check_top(params.search.top if top is None else top)  # bad input fails before any heavy work
     if index is None and tiles is None:
         raise GeoclipError("search: give --index (scoring's embeddings folder) and/or --tiles (a folder of tiles)")
     parts = [read_index(index)] if index is not None else []
@@ -228,11 +244,11 @@ def run_search(params, text: str, index: str | Path | None = None, tiles: str | 
         raise GeoclipError(f"{index}: embedded by {recorded}, not {model_uri}; a query must be embedded by the same "
                            "model (omit --model)")
     model = load_geoclip(model_uri or recorded or params.score.model_uri, params)
+    query = query_embedding(model, text).detach().float().numpy()  # checks the text before any tile is read
     if tiles is not None:
         parts.append(index_tiles(tiles, model))
     merged = Index(pd.concat([p.meta for p in parts], ignore_index=True),
                    np.concatenate([p.embeddings for p in parts]), recorded)
-    query = query_embedding(model, text).detach().float().numpy()
     ann = None
     if len(merged.embeddings) >= params.search.ann_min_windows:
         if tiles is not None or not parts[0].files or s3.is_s3(str(index)):

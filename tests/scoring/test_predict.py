@@ -104,7 +104,7 @@ def test_any_class_list_names_the_columns_and_a_bad_one_writes_nothing(tmp_path,
 @pytest.mark.parametrize("args, message", [
     (["--classes", "lake"], "--classes: 1 class"),
     (["--classes", "lake, Lake"], "repeats"),
-    (["--classes", "a, b", "--classes-file", "x.yaml"], "give one of them"),
+    (["--classes", "a, b", "--classes-file", "x.yaml"], "--classes: a class list and a class file are both set"),
     (["--classes-file", "missing.yaml"], "cannot read the class file"),
 ])
 def test_bad_class_lists_exit_2_with_one_line(tmp_path, model_uri, capsys, args, message):

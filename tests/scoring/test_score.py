@@ -214,7 +214,7 @@ def test_scenes_scored_over_another_class_list_once_per_list(tmp_path, mlflow_se
 @pytest.mark.parametrize("score, message", [
     ({"classes": ["lake"]}, "score.classes: 1 class"),
     ({"classes": [f"class {i}" for i in range(300)]}, "at most 254"),
-    ({"classes": ["a", "b"], "classes_file": "x.yaml"}, "both set"),
+    ({"classes": ["a", "b"], "classes_file": "x.yaml"}, "both set; give one of them"),
     ({"classes_file": "missing.yaml"}, "cannot read the class file"),
 ])
 def test_bad_scoring_class_lists_fail_before_any_scene_is_touched(tmp_path, score, message):

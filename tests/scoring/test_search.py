@@ -23,7 +23,7 @@ from geoclip.model.clip import load_model, predict_batches
 from geoclip.model.vocab import query_embedding
 from geoclip.scoring import ann
 from geoclip.scoring.score import score_scene
-from geoclip.scoring.search import Index, rank, read_index, run_search, search
+from geoclip.scoring.search import rank, read_index, run_search, search
 
 DIM = len(EUROSAT_CLASSES)
 
@@ -152,14 +152,21 @@ def test_cli_searches_a_folder_of_tiles_with_a_real_model(tmp_path, capsys):
     assert main(["search", "  ", "--tiles", str(tmp_path / "tiles"), "--model", str(model_dir)]) == 2
 
 
-def test_index_from_scoring_and_tiles_together(scored, tmp_path):
+def test_without_mosaic_only_geojson_and_csv_are_written(scored, tmp_path):
     _, _, out, _ = scored
-    index = read_index(out)
-    both = Index(pd.concat([index.meta, index.meta], ignore_index=True),
-                 np.concatenate([index.embeddings, index.embeddings]), index.model_uri)
-    hits = search(both, np.eye(DIM, dtype=np.float32)[0], "x", tmp_path, top=4, mosaic=False)
-    assert len(hits) == 4 and not (tmp_path / "hits.png").exists()
+    hits = search(read_index(out), np.eye(DIM, dtype=np.float32)[0], "x", tmp_path, top=4, mosaic=False)
+    assert len(hits) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["hits.csv", "hits.geojson"]
 
+
+def test_a_tile_that_is_not_a_raster_is_named_in_one_line(tmp_path, capsys):
+    model_dir = make_model_dir(tmp_path / "model")
+    make_tile(tmp_path / "tiles" / "good.tif", synthetic_tiles(1)[0])
+    (tmp_path / "tiles" / "broken.tif").write_bytes(b"not a tiff")
+    assert main(["search", "a lake", "--tiles", str(tmp_path / "tiles"), "--model", str(model_dir),
+                 "--out", str(tmp_path / "hits")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "broken.tif: cannot be read as a raster" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "hits").exists()
 
 def test_scheduled_scoring_path_writes_embeddings_that_search_reads_back(tmp_path):
     """score_one (what the CLI, DVC stage and Prefect flow run) with score.embeddings on, through a served pyfunc;
@@ -189,6 +196,7 @@ def test_scheduled_scoring_path_writes_embeddings_that_search_reads_back(tmp_pat
     assert (tmp_path / "out" / ann.INDEX_FILE).exists()
     assert list(zip(approx["row"], approx["col"], strict=True)) == list(zip(hits["row"], hits["col"], strict=True))
     np.testing.assert_allclose(approx["score"], hits["score"], atol=0.02)  # 8-bit codes: scores within ~1%
+    make_tile(tmp_path / "tiles" / "tile_0.tif", synthetic_tiles(1)[0])
     with pytest.raises(GeoclipError, match="approximate index is kept beside local embeddings only"):
-        run_search(large, "a lake", index=tmp_path / "out", tiles=tmp_path / "scenes", out_dir=tmp_path / "x")
+        run_search(large, "a lake", index=tmp_path / "out", tiles=tmp_path / "tiles", out_dir=tmp_path / "x")
 
