@@ -7,6 +7,7 @@ instead, plus the means; and the same recipe trained on all ten classes for the 
 
     python bench/unseen_classes.py --epochs 4 --synthetic-per-class 100      # about 3 min a run on 2 CPU cores
     python bench/unseen_classes.py --classes SeaLake,Forest
+    python bench/unseen_classes.py --descriptions bench/attribute_descriptions.yaml --caption-weight 0.5
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,17 +56,29 @@ def main() -> None:
     ap.add_argument("--classes", default=",".join(EUROSAT_CLASSES), help="comma-separated classes to hold out")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--synthetic-per-class", type=int, default=100)
+    ap.add_argument("--caption-weight", type=float, default=None,
+                    help="train.caption_weight for every run (default: params.yaml's)")
+    ap.add_argument("--descriptions", type=Path, default=None,
+                    help="a YAML file whose 'descriptions' replace classes.descriptions (e.g. "
+                         "bench/attribute_descriptions.yaml)")
     ap.add_argument("--work", type=Path, default=Path("bench/results/unseen_classes"))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"unseen_classes_{date.today()}.json")
     args = ap.parse_args()
     data = asdict(load_params(args.params))
     data["synth"] |= {"n_scenes": 0, "tiles_per_class": args.synthetic_per_class}
     data["train"] |= {"epochs": args.epochs, "nproc_per_node": 1}
+    if args.caption_weight is not None:
+        data["train"]["caption_weight"] = args.caption_weight
+    if args.descriptions is not None:
+        data["classes"]["descriptions"] = yaml.safe_load(args.descriptions.read_text())["descriptions"]
     data["ingest"]["source"] = "synthetic"
     data["classes"]["names"] = list(EUROSAT_CLASSES)
     data["paths"] |= {"raw": str(args.work / "raw"), "synthetic": str(args.work / "synthetic")}
     params = params_from_dict(data)
-    if not (args.work / "raw" / "labels.csv").exists():
+    labels = args.work / "raw" / "labels.csv"
+    old = pd.read_csv(labels) if labels.exists() else pd.DataFrame()
+    fresh = "caption" in old.columns and len(old) == 10 * args.synthetic_per_class
+    if not fresh:  # made by this recipe and with captions, else generated again
         from geoclip.data.synth import generate
 
         generate(params)
@@ -85,6 +99,8 @@ def main() -> None:
           f"(all-ten reference {rows[0]['test_top1']:.1%})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": str(date.today()), "epochs": args.epochs,
+                                    "caption_weight": params.train.caption_weight,
+                                    "descriptions": params.classes.descriptions,
                                     "synthetic_per_class": args.synthetic_per_class, "mean": mean, "rows": rows},
                                    indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -138,6 +138,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimiser steps between resumable checkpoints (0: only at each epoch end)
     patience: int = 0  # early stopping: epochs without a better val_top1 before stopping (0: off)
     holdout_class: str = ""  # unseen-class experiment: train without this class's tiles ("" = off)
+    # Share of the loss (0 to 1) given to captions: each tile with a caption (labels.csv ``caption``; synth writes one
+    # from what it painted) is contrasted with its own caption, teaching the class encoder words beyond the class
+    # names; the class loss gets the rest. At 1 the class names are never trained (every class is zero-shot).
+    caption_weight: float = 0.0
 
 
 @dataclass(frozen=True)

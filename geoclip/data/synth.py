@@ -21,6 +21,7 @@ from tqdm import tqdm
 from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASSES
 from geoclip.config import Params
 from geoclip.data import synth_textures as tx
+from geoclip.data.captions import caption
 from geoclip.data.tiles import (
     BANDS_FILE,
     LABELS_FILE,
@@ -36,6 +37,7 @@ LINEAR_CLASSES = ("Highway", "River")  # drawn across a scene's regions rather t
 TRUTH_NODATA = 255
 PIXEL_M = 10.0
 ROW_TILES = 400  # tiles per row of the layout grid that keeps every tile at its own place
+CAPTION_STREAM = 7  # the caption's random stream beside a tile's own ([seed, class, n]): wording never moves pixels
 
 
 def _check(params: Params) -> list[str]:
@@ -73,13 +75,15 @@ def _tile_origin(index: int, size: int) -> tuple[float, float]:
 
 
 def _write_tiles(root: Path, names: list[str], params: Params, bar: tqdm, id_prefix: str = "") -> pd.DataFrame:
-    """Write ``tiles/<Class>/<id_prefix><Class>_<n>.tif`` for every class; return the labels table."""
+    """Write ``tiles/<Class>/<id_prefix><Class>_<n>.tif`` for every class; return the labels table (with each
+    tile's caption: :mod:`geoclip.data.captions`)."""
     s, rows = params.synth, []
     for name in names:
         ci = EUROSAT_CLASSES.index(name)  # seeds by EuroSAT index: a tile does not depend on the class list
         (root / "tiles" / name).mkdir(parents=True, exist_ok=True)
-        surfaces = np.stack([tx.surface(np.random.default_rng([s.seed, ci, n]), name, s.tile_size, s.tile_size)
-                             for n in range(1, s.tiles_per_class + 1)])
+        comps = [tx.Composition() for _ in range(s.tiles_per_class)]
+        surfaces = np.stack([tx.surface(np.random.default_rng([s.seed, ci, n]), name, s.tile_size, s.tile_size, comp)
+                             for n, comp in enumerate(comps, start=1)])
         data_all = tx.sensor(np.random.default_rng([s.seed, ci, 0]), surfaces)  # one batched call: much faster
         for n, data in enumerate(data_all, start=1):
             x0, y0 = _tile_origin(ci * s.tiles_per_class + n - 1, s.tile_size)
@@ -88,9 +92,10 @@ def _write_tiles(root: Path, names: list[str], params: Params, bar: tqdm, id_pre
             _write(root / rel, data, _profile(s.tile_size, len(ALL_BAND_NAMES), "uint16", s.epsg, x0, y0,
                                               interleave="pixel"), ALL_BAND_NAMES)
             half = s.tile_size * PIXEL_M / 2
-            rows.append({"id": tile_id, "path": rel, "class": name, "x": x0 + half, "y": y0 - half})
+            words = caption(comps[n - 1], np.random.default_rng([s.seed, ci, n, CAPTION_STREAM]))
+            rows.append({"id": tile_id, "path": rel, "class": name, "x": x0 + half, "y": y0 - half, "caption": words})
             bar.update(1)
-    return pd.DataFrame(rows, columns=["id", "path", "class", "x", "y"])
+    return pd.DataFrame(rows, columns=["id", "path", "class", "x", "y", "caption"])
 
 
 def render_scene(rng: np.random.Generator, size: int, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +171,7 @@ def write_synthetic(raw_tmp: Path, scenes_tmp: Path, params: Params, id_prefix: 
                     ) -> tuple[pd.DataFrame, list[Path]]:
     """Write the synthetic tiles under ``raw_tmp`` and the scenes with truth maps under ``scenes_tmp``.
 
-    Returns the tiles' labels (``id, path, class, x, y``) and the scene files written. Callers own the folders
+    Returns the tiles' labels (``id, path, class, x, y, caption``) and the scene files written. Callers own the folders
     (ingest writes them into temporary folders it swaps in whole).
     """
     names, s = _check(params), params.synth

@@ -8,6 +8,7 @@ size, so the same code paints a 64 px tile and a 600 px region of a large scene.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -39,6 +40,22 @@ FINE_TEXTURE: dict[str, tuple[float, float, float]] = {
 VEG_LOADING = np.array([0.0, -0.5, -1, -1, -0.3, 0.7, 1, 1, 1, 0, -1, -1, 1], np.float32)
 FINE_SIGMA = 0.7  # pixels: crowns and gaps of 10-20 m
 FINE_GAIN = np.float32(2 * np.sqrt(np.pi) * FINE_SIGMA)  # brings blurred white noise back to unit variance
+
+
+@dataclass
+class Composition:
+    """What a generator painted, in plain words: each material's share of the area and the shapes it drew.
+
+    The generator knows exactly what a tile shows, which no label of a real tile says; captions built from this
+    (``geoclip.data.captions``) teach the class encoder words shared across classes (water, trees, roads).
+    """
+
+    shares: dict[str, float] = field(default_factory=dict)  # material -> share of the area (sums to about 1)
+    features: list[str] = field(default_factory=list)  # shapes, e.g. "a narrow river", "rectangular fields"
+
+    def add(self, material: str, cover) -> None:
+        """Add ``cover`` (a per-pixel 0..1 array, or a share) of ``material`` to the tile's shares."""
+        self.shares[material] = self.shares.get(material, 0.0) + float(np.mean(cover))
 
 
 # ---------------------------------------------------------------- primitives
@@ -179,25 +196,37 @@ def line_coverage(d: np.ndarray, width: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- class generators
-def field_background(rng: np.random.Generator, h: int, w: int, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Farmland behind a road or river: parcels from bare to lush between two materials, half each on average."""
+def field_background(rng: np.random.Generator, h: int, w: int, low: np.ndarray, high: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Farmland behind a road or river: parcels from bare to lush between two materials, half each on average.
+
+    Returns the image and the per-pixel mask of the green (lusher) parcels.
+    """
     p = parcels(rng, h, w, width=rng.uniform(12, 30), length=rng.uniform(20, 60))
     # Four states; the outer two extend past the materials (barer, lusher) with weights that keep the mean.
     states = np.stack([1.5 * low - 0.5 * high, low, high, 1.5 * high - 0.5 * low])
     group = choose(rng, p["n"], [0.2, 0.3, 0.3, 0.2], alpha=2.0)
-    return paint(p["label"], jitter(rng, states[group], 0.12))
+    return paint(p["label"], jitter(rng, states[group], 0.12)), group[p["label"]] >= 2
 
 
-def annual_crop(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
+def add_fields(comp: Composition, green: np.ndarray, area: np.ndarray) -> None:
+    """Farmland's shares: ``area`` (per pixel, what roads or water leave) split into green crops and bare fields."""
+    comp.add("green crops", area * green)
+    comp.add("bare fields", area * ~green)
+
+
+def annual_crop(rng: np.random.Generator, h: int, w: int, s: dict, comp: Composition) -> np.ndarray:
     """Rectangular field parcels, each a crop at its own growth stage, with faint sowing stripes."""
     p = parcels(rng, h, w, width=rng.uniform(10, 28), length=rng.uniform(20, 60))
     group = choose(rng, p["n"], [0.25] * 4, alpha=2.0)
     table = jitter(rng, np.stack([s[m] for m in ("bare", "sparse", "growing", "dense")])[group])
     stripes = 1 + 0.04 * np.sin(2 * np.pi * p["su"] / rng.uniform(3, 6))
+    add_fields(comp, group[p["label"]] >= 2, np.ones((h, w), np.float32))
+    comp.features.append("rectangular fields")
     return paint(p["label"], table) * stripes[None]
 
 
-def permanent_crop(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
+def permanent_crop(rng: np.random.Generator, h: int, w: int, s: dict, comp: Composition) -> np.ndarray:
     """Narrow parcels of orchards and vineyards (rows or dot grids of trees over soil), bare and grassy plots."""
     p = parcels(rng, h, w, width=rng.uniform(6, 14), length=rng.uniform(30, 90))
     lab, n = p["label"], p["n"]
@@ -208,10 +237,17 @@ def permanent_crop(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndar
     dots = np.where((rng.random(n) < 0.4)[lab], rows * np.cos(2 * np.pi * p["sv"] / period), rows)
     cover = np.array([0.0, 1.0, 0.5, 0.0], np.float32)[kind][lab] + np.where(kind[lab] == 2, 0.5 * dots, 0)
     soil, trees, mixed = (paint(lab, jitter(rng, np.tile(s[m], (n, 1)), 0.12)) for m in ("soil", "trees", "mixed"))
+    grassy, tree_cover = kind[lab] == 3, np.clip(cover, 0, 1)
+    comp.add("trees", tree_cover * ~grassy)
+    comp.add("bare soil", (1 - tree_cover) * ~grassy)
+    comp.add("green grass", grassy)
+    comp.features.append("narrow plots")
+    if (kind[lab] == 2).mean() > 0.2:
+        comp.features.append("trees in rows")
     return np.where((kind == 3)[lab][None], mixed, mix(soil, trees, cover))
 
 
-def pasture(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
+def pasture(rng: np.random.Generator, h: int, w: int, s: dict, comp: Composition) -> np.ndarray:
     """Smooth grassland: a few large parcels of slightly different grass, very little texture."""
     n = 1 + int(rng.poisson(h * w / 36 ** 2))
     lab = voronoi(rng, h, w, n, warp=3)
@@ -220,17 +256,25 @@ def pasture(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
     f = 0.5 + 0.25 * rng.normal() + 0.35 * rng.normal(size=n)[lab] + 0.05 * noise(rng, h, w, 16)
     dry, lush = (paint(lab, jitter(rng, np.tile(s[m], (n, 1)), 0.1, 0.04)) for m in ("dry", "lush"))
     img = mix(dry, lush, np.clip(f, -0.6, 1.6)) * (1 + 0.01 * noise(rng, h, w, 2))[None]
+    hedge_cover = np.zeros((h, w), np.float32)
     if rng.random() < HEDGE_SHARE:  # hedgerows (trees: the Forest crown spectrum) along parcel boundaries
         edge = np.zeros((h, w), bool)
         edge[1:] |= lab[1:] != lab[:-1]
         edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
         keep = rng.random(n * n).reshape(n, n) < 0.7  # some boundaries are fences only
         hedge = ndimage.binary_dilation(edge, iterations=int(rng.integers(0, 2))) & keep[lab, np.roll(lab, 1, 0)]
-        blend(img, jitter(rng, spectra("Forest")["crown"][None], 0.1)[0], hedge.astype(np.float32) * 0.8)
+        hedge_cover = hedge.astype(np.float32) * 0.8
+        blend(img, jitter(rng, spectra("Forest")["crown"][None], 0.1)[0], hedge_cover)
+        comp.features.append("hedgerows")
+    lush_share = np.clip(f, 0, 1)
+    comp.add("green grass", lush_share * (1 - hedge_cover))
+    comp.add("dry grass", (1 - lush_share) * (1 - hedge_cover))
+    comp.add("trees", hedge_cover)
+    comp.features.append("large smooth meadows")
     return img
 
 
-def herbaceous(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
+def herbaceous(rng: np.random.Generator, h: int, w: int, s: dict, comp: Composition) -> np.ndarray:
     """Patchy natural vegetation: irregular patches of bare ground, dry and green herbs, relief shading."""
     p = np.clip(rng.dirichlet([2.0, 2.0, 2.0]), 0.01, 0.98)
     z = fractal(rng, h, w, rng.uniform(10, 24))
@@ -239,16 +283,21 @@ def herbaceous(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
     wd = np.clip(1 - wb - wg, 0, 1)
     bare, dry, green = (jitter(rng, s[m][None], 0.06)[0, :, None, None] for m in ("bare", "dry", "green"))
     img = bare * wb[None] + dry * wd[None] + green * wg[None]
+    for material, cover in (("bare soil", wb), ("dry grass", wd), ("green grass", wg)):
+        comp.add(material, cover)
+    comp.features.append("irregular patches")
     return img * (1 + 0.1 * noise(rng, h, w, 12) + 0.03 * noise(rng, h, w, 2))[None]
 
 
-def forest(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
+def forest(rng: np.random.Generator, h: int, w: int, s: dict, comp: Composition) -> np.ndarray:
     """Closed canopy: crowns a few pixels wide with shadow between, in stands of varying density."""
     sigma = rng.uniform(0.7, 1.3)
     crowns = ndimage.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), sigma)
     crowns *= np.float32(2 * np.sqrt(np.pi) * sigma)  # back to unit variance after the blur
     z = 0.8 * crowns + 0.6 * noise(rng, h, w, rng.uniform(8, 20)) + rng.normal(0, 0.5)
     shade, crown = (jitter(rng, s[m][None], 0.05)[0] for m in ("shade", "crown"))
+    comp.add("trees", 1.0)
+    comp.features.append("a closed canopy")
     return mix(shade, crown, 1.6 * sigmoid(3.0 * z) - 0.3)  # reaches past both means: deep gaps, sunlit tops
 
 
@@ -275,10 +324,15 @@ def roads(rng: np.random.Generator, h: int, w: int, n: int, ramps: bool = True, 
     return (cover, verge, dist) if with_distance else (cover, verge)
 
 
-def highway(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
+def highway(rng: np.random.Generator, h: int, w: int, s: dict, comp: Composition) -> np.ndarray:
     """One or two straight roads (grey asphalt, grass verges), sometimes a ramp loop, across farmland."""
-    bg = field_background(rng, h, w, s["field"], s["green"])
-    cover, verge = roads(rng, h, w, 1 if rng.random() < 0.65 else 2)
+    bg, green = field_background(rng, h, w, s["field"], s["green"])
+    n_roads = 1 if rng.random() < 0.65 else 2
+    cover, verge = roads(rng, h, w, n_roads)
+    comp.add("roads", cover)
+    comp.add("green grass", verge * 0.6 * (1 - cover))
+    add_fields(comp, green, (1 - verge * 0.6) * (1 - cover))
+    comp.features.append("a straight road" if n_roads == 1 else "two straight roads")
     bg = mix(bg, jitter(rng, s["green"][None], 0.05)[0], verge * 0.6)
     return mix(bg, jitter(rng, s["road"][None], 0.06)[0], cover)
 
@@ -298,15 +352,21 @@ def channel(rng: np.random.Generator, h: int, w: int, width: float, with_distanc
     return (water, bank, d) if with_distance else (water, bank)
 
 
-def river(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
+def river(rng: np.random.Generator, h: int, w: int, s: dict, comp: Composition) -> np.ndarray:
     """A meandering river with tree-lined banks crossing farmland."""
-    bg = field_background(rng, h, w, s["field"], s["green"])
-    water, bank = channel(rng, h, w, rng.uniform(6, 26))
+    bg, green = field_background(rng, h, w, s["field"], s["green"])
+    width = rng.uniform(6, 26)
+    water, bank = channel(rng, h, w, width)
+    comp.add("water", water)
+    comp.add("trees", bank * 0.7 * (1 - water))
+    add_fields(comp, green, (1 - bank * 0.7) * (1 - water))
+    comp.features.append("a narrow winding river" if width < 12 else "a winding river" if width < 20
+                         else "a wide winding river")
     bg = mix(bg, jitter(rng, s["green"][None], 0.05)[0], bank * 0.7)
     return mix(bg, jitter(rng, s["water"][None], 0.15, 0.05)[0], water)
 
 
-def industrial(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
+def industrial(rng: np.random.Generator, h: int, w: int, s: dict, comp: Composition) -> np.ndarray:
     """Large bright rectangular roofs on paved lots and car parks, service roads, a few green plots."""
     p = parcels(rng, h, w, width=rng.uniform(16, 30), length=rng.uniform(16, 36))
     lab, n = p["label"], p["n"]
@@ -319,10 +379,14 @@ def industrial(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
     paved = paint(lab, jitter(rng, np.tile(s["paved"], (n, 1)), 0.08))
     paved *= (1 + 0.06 * np.sin(2 * np.pi * p["sv"] / 2.5))[None]  # rows of parked cars
     img = np.where(roof[None], paint(lab, jitter(rng, np.tile(s["roof"], (n, 1)), 0.2, 0.04)), paved)
+    comp.add("buildings", roof)
+    comp.add("green grass", green)
+    comp.add("pavement", ~roof & ~green)
+    comp.features += ["large flat roofs", "car parks"]
     return np.where(green[None], paint(lab, jitter(rng, np.tile(s["vegetation"], (n, 1)))), img)
 
 
-def residential(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
+def residential(rng: np.random.Generator, h: int, w: int, s: dict, comp: Composition) -> np.ndarray:
     """Dense small houses in two rows per block along a street grid, with gardens, trees and yards."""
     p = parcels(rng, h, w, width=rng.uniform(9, 14), length=rng.uniform(16, 40), warp=rng.choice([0.0, 3.0]))
     su, sv, sw = p["su"], p["sv"], p["sw"]
@@ -339,10 +403,14 @@ def residential(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray
     yard = np.clip(0.35 + 0.5 * fractal(rng, h, w, 3, 2), -0.5, 1.2)
     gardens = mix(jitter(rng, s["garden"][None], 0.06)[0], s["street"], yard)
     img = np.where(house[None], roofs, gardens)
+    comp.add("buildings", house & ~street)
+    comp.add("roads", street)
+    comp.add("gardens", ~house & ~street)
+    comp.features += ["small houses in rows", "a street grid"]
     return np.where(street[None], jitter(rng, s["street"][None], 0.05)[0][:, None, None], img)
 
 
-def sea_lake(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
+def sea_lake(rng: np.random.Generator, h: int, w: int, s: dict, comp: Composition) -> np.ndarray:
     """Open water, nearly uniform (turbidity varies slowly); sometimes a strip of shore."""
     water = jitter(rng, s["water"][None], 0.05)[0][:, None, None]
     img = water * (1 + 0.012 * noise(rng, h, w, 24) + 0.005 * noise(rng, h, w, 1.5))[None]
@@ -350,7 +418,12 @@ def sea_lake(rng: np.random.Generator, h: int, w: int, s: dict) -> np.ndarray:
         _, v = frame(rng, h, w, spread=0.0)
         edge = v + 2 * noise(rng, h, w, 8) - (0.5 - rng.uniform(0.02, 0.18)) * min(h, w)
         land = s["shore"][:, None, None] * (1 + 0.25 * fractal(rng, h, w, 8))[None]
-        img = mix(img, land, sigmoid(2 * edge))
+        shore = sigmoid(2 * edge)
+        img = mix(img, land, shore)
+        comp.add("land", shore)
+        comp.features.append("a strip of shore")
+    comp.add("water", 1 - comp.shares.get("land", 0.0))
+    comp.features.insert(0, "open water")
     return img
 
 
@@ -402,9 +475,12 @@ def fine_texture(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarr
     return np.exp(log, out=log)
 
 
-def surface(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarray:
-    """One patch of class ``cls``: texture times this patch's spectral variation, ``(13, h, w)`` float32."""
-    img = GENERATORS[cls](rng, h, w, spectra(cls))
+def surface(rng: np.random.Generator, cls: str, h: int, w: int, comp: Composition | None = None) -> np.ndarray:
+    """One patch of class ``cls``: texture times this patch's spectral variation, ``(13, h, w)`` float32.
+
+    ``comp``: filled with what was painted (:class:`Composition`), for captions.
+    """
+    img = GENERATORS[cls](rng, h, w, spectra(cls), Composition() if comp is None else comp)
     img *= fine_texture(rng, cls, h, w)
     for b in ATMOSPHERIC:  # mostly smooth path radiance: the ground's contrast shows only weakly
         mean = img[b].mean()

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -24,6 +25,8 @@ ROW_GROUP = 65_536  # windows per row group: 8 MB of float16 embeddings at D=128
 GEOPARQUET_VERSION = "1.1.0"
 META_KEY = "geoclip"  # file metadata: the model that embedded the windows, the scene and its CRS as WKT
 SUFFIX = "_embeddings.parquet"
+FOOTPRINT_COLUMNS = ["scene", "row", "col", "size", "bbox"]  # what a hit needs besides its vector
+META_COLUMNS = ["scene", "row", "col", "size", "crs", "xmin", "ymin", "xmax", "ymax"]
 
 
 def polygon_wkb(xmin: float, ymin: float, xmax: float, ymax: float) -> bytes:
@@ -106,3 +109,19 @@ class EmbeddingWriter:
         """Drop the temporary file (scoring failed)."""
         self._writer.close()
         self._tmp.unlink(missing_ok=True)
+
+
+def own_metadata(schema: pa.Schema) -> dict:
+    """geoclip's file metadata (``model_uri``, ``crs_wkt``, ``scene``) of an embeddings file's schema; {} if none."""
+    return json.loads((schema.metadata or {}).get(META_KEY.encode(), b"{}"))
+
+
+def footprints(table: pa.Table, crs_wkt: str | None, scene: str | None = None) -> pd.DataFrame:
+    """The windows of ``table`` (an embeddings file's FOOTPRINT_COLUMNS; ``scene`` stands in for a missing scene
+    column) as META_COLUMNS rows."""
+    xmin, ymin, xmax, ymax = (np.asarray(a) for a in table.column("bbox").combine_chunks().flatten())
+    scenes = table.column("scene").to_pylist() if "scene" in table.column_names else [scene] * table.num_rows
+    return pd.DataFrame({"scene": scenes, "row": table.column("row").to_numpy(),
+                         "col": table.column("col").to_numpy(), "size": table.column("size").to_numpy(),
+                         "crs": crs_wkt, "xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax},
+                        columns=META_COLUMNS)

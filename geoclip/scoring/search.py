@@ -25,11 +25,10 @@ from geoclip.bands import ALL_BAND_NAMES
 from geoclip.data import s3
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_path
-from geoclip.scoring.embeddings import META_KEY, SUFFIX
+from geoclip.scoring.embeddings import META_COLUMNS, SUFFIX, footprints, own_metadata
 
 CHUNK = 1 << 20  # windows scored per matrix product
 RGB = ("B04", "B03", "B02")
-META_COLUMNS = ["scene", "row", "col", "size", "crs", "xmin", "ymin", "xmax", "ymax"]
 
 
 @dataclass
@@ -39,7 +38,11 @@ class Index:
     meta: pd.DataFrame  # META_COLUMNS; crs as WKT; footprint in that CRS
     embeddings: np.ndarray
     model_uri: str | None  # the model that embedded them (None: unknown or several)
-    files: tuple[str, ...] = ()  # the GeoParquet files read (local), for the approximate index's fingerprint
+    files: tuple[str, ...] = ()  # the GeoParquet files read (local)
+
+    def rows(self, ids: np.ndarray) -> pd.DataFrame:
+        """The footprints of windows ``ids`` (META_COLUMNS), in that order."""
+        return self.meta.iloc[ids].reset_index(drop=True)
 
 
 def _index_files(source: str | Path) -> list[str]:
@@ -63,13 +66,10 @@ def _read_file(uri: str) -> tuple[pd.DataFrame, np.ndarray, str | None]:
             table = pq.read_table(local)
         except Exception as exc:  # pyarrow raises several kinds for a broken file
             raise GeoclipError(f"{uri}: not a readable GeoParquet embeddings file ({str(exc).splitlines()[0]})") from exc
-    own = json.loads((table.schema.metadata or {}).get(META_KEY.encode(), b"{}"))
+    own = own_metadata(table.schema)
     if "embedding" not in table.column_names or "bbox" not in table.column_names:
         raise GeoclipError(f"{uri}: no embedding/bbox columns; expected a file written by scoring (score.embeddings)")
-    xmin, ymin, xmax, ymax = (np.asarray(a) for a in table.column("bbox").combine_chunks().flatten())
-    meta = pd.DataFrame({"scene": table.column("scene").to_pylist(), "row": table.column("row").to_numpy(),
-                         "col": table.column("col").to_numpy(), "size": table.column("size").to_numpy(),
-                         "crs": own.get("crs_wkt"), "xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax})
+    meta = footprints(table, own.get("crs_wkt"))
     emb = table.column("embedding").combine_chunks()
     dim = emb.type.list_size
     vectors = np.asarray(emb.flatten().to_numpy(zero_copy_only=False), np.float16).reshape(-1, dim)
@@ -190,11 +190,12 @@ def _check_top(top: int) -> int:
     return top
 
 
-def search(index: Index, query: np.ndarray, text: str, out_dir: str | Path, top: int = 20,
+def search(index, query: np.ndarray, text: str, out_dir: str | Path, top: int = 20,
            mosaic: bool = True, ann=None, nprobe: int = 32) -> pd.DataFrame:
     """Rank ``index`` against a unit query embedding; write ``hits.geojson``, ``hits.csv`` (and ``hits.png``).
 
-    ``ann``: an approximate index over the same embeddings (geoclip.scoring.ann), scanned at ``nprobe``; else exact.
+    ``index``: an :class:`Index`, or an archive (geoclip.scoring.ann.Archive: vectors memory-mapped, footprints read
+    for the hits only). ``ann``: an approximate index over the same embeddings, scanned at ``nprobe``; else exact.
     """
     _check_top(top)
     if query.shape[-1] != index.embeddings.shape[1]:
@@ -207,7 +208,7 @@ def search(index: Index, query: np.ndarray, text: str, out_dir: str | Path, top:
         order, scores = ids[0][ids[0] >= 0], sims[0][ids[0] >= 0]
     else:
         order, scores = rank(index.embeddings, query, top)
-    hits = index.meta.iloc[order].reset_index(drop=True)
+    hits = index.rows(order)
     hits.insert(0, "score", scores.astype(float))
     hits.insert(0, "rank", np.arange(1, len(hits) + 1))
     geoms = [_wgs84(h) for _, h in hits.iterrows()]
@@ -234,28 +235,36 @@ def run_search(params, text: str, index: str | Path | None = None, tiles: str | 
     from scoring's GeoParquet files under ``index`` and/or the tiles of ``tiles``, write the hits to ``out_dir``."""
     from geoclip.model.vocab import query_embedding
     from geoclip.registry.models import load_geoclip
+    from geoclip.scoring import ann as approximate
 
     top = _check_top(params.search.top if top is None else top)  # bad input fails before any heavy work
     if index is None and tiles is None:
         raise GeoclipError("search: give --index (scoring's embeddings folder) and/or --tiles (a folder of tiles)")
-    parts = [read_index(index)] if index is not None else []
-    recorded = parts[0].model_uri if parts else None
+    archive = None
+    if index is not None and not s3.is_s3(str(index)):
+        files = _index_files(index)
+        if files and (n := approximate.window_count(files)) >= params.search.ann_min_windows:
+            if tiles is not None:
+                raise GeoclipError(f"{n} windows: an approximate index is kept beside local embeddings only; search "
+                                   "a local --index alone (or raise search.ann_min_windows)")
+            # A large local archive is never loaded: vectors memory-mapped, footprints read for the hits only.
+            folder = Path(index) if Path(index).is_dir() else Path(index).parent
+            archive = approximate.open_archive(folder, files, params.search.nlist)
+    parts = [read_index(index)] if index is not None and archive is None else []
+    recorded = archive.model_uri if archive is not None else parts[0].model_uri if parts else None
     if recorded and model_uri and model_uri != recorded:
         raise GeoclipError(f"{index}: embedded by {recorded}, not {model_uri}; a query must be embedded by the same "
                            "model (omit --model)")
     model = load_geoclip(model_uri or recorded or params.score.model_uri, params)
     query = query_embedding(model, text).detach().float().numpy()  # checks the text before any tile is read
+    if archive is not None:
+        return search(archive, query, text, out_dir, top=top, mosaic=mosaic, ann=archive.ann,
+                      nprobe=params.search.nprobe)
     if tiles is not None:
         parts.append(index_tiles(tiles, model))
     merged = Index(pd.concat([p.meta for p in parts], ignore_index=True),
                    np.concatenate([p.embeddings for p in parts]), recorded)
-    ann = None
     if len(merged.embeddings) >= params.search.ann_min_windows:
-        if tiles is not None or not parts[0].files or s3.is_s3(str(index)):
-            raise GeoclipError(f"{len(merged.embeddings)} windows: an approximate index is kept beside local "
-                               "embeddings only; search a local --index alone (or raise search.ann_min_windows)")
-        from geoclip.scoring import ann as approximate
-
-        folder = Path(index) if Path(index).is_dir() else Path(index).parent
-        ann = approximate.load_or_build(folder, list(parts[0].files), merged.embeddings, params.search.nlist)
-    return search(merged, query, text, out_dir, top=top, mosaic=mosaic, ann=ann, nprobe=params.search.nprobe)
+        raise GeoclipError(f"{len(merged.embeddings)} windows: an approximate index is kept beside local "
+                           "embeddings only; search a local --index alone (or raise search.ann_min_windows)")
+    return search(merged, query, text, out_dir, top=top, mosaic=mosaic, nprobe=params.search.nprobe)

@@ -31,10 +31,18 @@ class EmbeddingStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Unit image embeddings, unit class embeddings, the log inverse temperature and the logit bias."""
+    def forward(self, x: torch.Tensor, caption_features: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Unit image embeddings, unit class embeddings, the log inverse temperature and the logit bias.
+
+        With ``caption_features`` (sentence embeddings ``(K, text_dim)``), their unit embeddings follow the classes'
+        rows: the caption loss's gradients then pass through this one forward too.
+        """
         m = self.model
-        return m.encode_image(x), m.class_embeddings(), m.logit_scale, getattr(m, "logit_bias", None)
+        texts = m.class_embeddings()
+        if caption_features is not None:
+            texts = torch.cat([texts, m.encode_text(caption_features, normalize=True).to(texts.dtype)])
+        return m.encode_image(x), texts, m.logit_scale, getattr(m, "logit_bias", None)
 
 
 def make_optimizer(model: GeoCLIP, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -69,23 +77,40 @@ def training_step(step_module: nn.Module, model: GeoCLIP, opt: torch.optim.Optim
                   sched: torch.optim.lr_scheduler.LRScheduler, raw: torch.Tensor, labels: torch.Tensor,
                   cls_idx: torch.Tensor, *, loss_fn: Callable[..., torch.Tensor], generator: torch.Generator,
                   gain_noise: float, bf16: bool, channels_last: bool, world: int = 1, offset_noise: float = 0.0,
-                  pixel_noise: float = 0.0, crop_scale: float = 1.0) -> torch.Tensor:
+                  pixel_noise: float = 0.0, crop_scale: float = 1.0, caption_ids: torch.Tensor | None = None,
+                  caption_features: torch.Tensor | None = None, caption_weight: float = 0.0) -> torch.Tensor:
     """One optimisation step on raw tiles ``raw`` (labels: positions in ``cls_idx``); returns the detached loss.
 
     ``step_module`` is ``EmbeddingStep(model)``, possibly DDP-wrapped or compiled; ``generator`` is the CPU
     generator augmentation draws from; ``cls_idx`` picks the trained classes from the class embeddings; ``world``
-    ranks contribute to the loss; ``offset_noise``, ``pixel_noise`` and ``crop_scale`` are :func:`augment`'s. The loss
+    ranks contribute to the loss; ``offset_noise``, ``pixel_noise`` and ``crop_scale`` are :func:`augment`'s. With
+    ``caption_weight`` > 0, ``caption_ids`` (per tile, a row of ``caption_features``, -1 for none) bring in the caption
+    loss (the batch's tiles against the batch's distinct captions, tiles sharing a caption all positives) with that
+    share of the total, the class loss the rest. The loss
     stays on the device (reading it would wait for the GPU).
     """
     x = augment(raw, generator, gain_noise, offset_noise, pixel_noise, model.band_std, crop_scale)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    captioned = None
+    if caption_weight > 0 and caption_ids is not None and caption_features is not None:
+        ids = gather(caption_ids, world, grad=False)  # the global batch's, so every rank embeds the same captions
+        have = ids >= 0
+        if bool(have.any()):
+            distinct, positions = torch.unique(ids[have], return_inverse=True)
+            captioned = (have, positions, caption_features[distinct])
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        img_emb, cls_emb, scale, bias = step_module(x)
+        img_emb, text_emb, scale, bias = step_module(x, None if captioned is None else captioned[2])
+    n_classes = text_emb.shape[0] - (0 if captioned is None else len(captioned[2]))
+    bias = None if bias is None else bias.float()
     # The loss sees every rank's images, so each class is contrasted against the global batch, and only
     # the trained classes: a held-out class is never even a negative (its name stays unseen).
-    loss = loss_fn(gather(img_emb.float(), world, grad=True), cls_emb.float()[cls_idx],
-                   gather(labels, world, grad=False), scale, None if bias is None else bias.float())
+    images = gather(img_emb.float(), world, grad=True)
+    loss = loss_fn(images, text_emb[:n_classes].float()[cls_idx], gather(labels, world, grad=False), scale, bias)
+    if captioned is not None:
+        have, positions, _ = captioned
+        caption_loss = loss_fn(images[have], text_emb[n_classes:].float(), positions, scale, bias)
+        loss = (1 - caption_weight) * loss + caption_weight * caption_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -25,11 +25,12 @@ from torch import nn
 from tqdm import tqdm
 
 from geoclip.config import Params
-from geoclip.data.prepare import PreparedData, load_split, split_origins
+from geoclip.data.prepare import PreparedData, load_split, split_captions, split_origins
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
 from geoclip.model.clip import GeoCLIP, ModelConfig, build_model, save_model
 from geoclip.model.loss import LOSSES
+from geoclip.model.text import embed_prompts
 from geoclip.plots import pyplot, save_png
 from geoclip.training.checkpoint import (
     CHECKPOINT_FILE,
@@ -177,6 +178,8 @@ class _Run:
     val_y: np.ndarray  # original class indices
     is_real: np.ndarray  # per kept training tile: from a real source (train.real_share draws from these)
     balance_labels: np.ndarray | None  # per kept training tile, its class when train.class_balance, else None
+    caption_ids: torch.Tensor | None  # per kept training tile, its row of caption_features (-1: none); None: off
+    caption_features: torch.Tensor | None  # sentence embeddings of the distinct captions, on the device
     generators: dict[str, torch.Generator]
     ckpt_path: Path
     fingerprint: dict | None  # rank 0 only
@@ -236,7 +239,9 @@ def _train_batches(run: _Run, prog: _Progress, batches: list[torch.Tensor]) -> N
                                      run.labels[idx.to(device)], cls_idx, loss_fn=loss_fn,
                                      generator=run.generators["augment"], gain_noise=cfg.gain_noise,
                                      bf16=cuda, channels_last=cuda, world=run.world, offset_noise=cfg.offset_noise,
-                                     pixel_noise=cfg.pixel_noise, crop_scale=cfg.crop_scale))
+                                     pixel_noise=cfg.pixel_noise, crop_scale=cfg.crop_scale,
+                                     caption_ids=None if run.caption_ids is None else run.caption_ids[idx.to(device)],
+                                     caption_features=run.caption_features, caption_weight=cfg.caption_weight))
         prog.batch, prog.step = prog.batch + 1, prog.step + 1
         bar.update(1)
         if prog.batch % 10 == 0:  # reading the loss waits for the GPU: only now and then
@@ -333,6 +338,26 @@ def _tiles(params: Params, data: PreparedData, rows: np.ndarray, device: torch.d
                       params.train.seed, on_device, loader_workers(local_world))
 
 
+def _captions(params: Params, rows: np.ndarray, device: torch.device
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per kept training tile, the row of its caption among the distinct captions, and their sentence embeddings.
+
+    ``(None, None)`` when ``train.caption_weight`` is 0 or no training tile has a caption (then said once).
+    """
+    if params.train.caption_weight <= 0:
+        return None, None
+    captions = split_captions(params.paths.prepared, "train")[rows]
+    distinct = sorted({c for c in captions if c})
+    if not distinct:
+        tqdm.write(f"note: train.caption_weight {params.train.caption_weight}: no training tile has a caption "
+                   "(labels.csv column 'caption'); training on the class prompts only", file=sys.stderr)
+        return None, None
+    position = {c: i for i, c in enumerate(distinct)}
+    ids = np.array([position.get(c, -1) for c in captions], dtype=np.int64)
+    features = torch.from_numpy(embed_prompts(distinct))
+    return torch.from_numpy(ids).to(device), features.to(device)
+
+
 def train(params: Params, resume: bool = False, open_log: OpenRunLog = no_run_log) -> dict:
     """Train on the prepared packs (one call per rank); ``resume`` continues from ``{paths.model}/checkpoint.pt``.
 
@@ -344,6 +369,9 @@ def train(params: Params, resume: bool = False, open_log: OpenRunLog = no_run_lo
     cfg = params.train
     if cfg.epochs < 1 or cfg.batch_size < 2:
         raise GeoclipError(f"train.epochs/batch_size: expected >= 1 and >= 2, got {cfg.epochs}/{cfg.batch_size}")
+    if not 0 <= cfg.caption_weight <= 1 or (cfg.caption_weight > 0 and cfg.text_finetune):
+        raise GeoclipError(f"train.caption_weight: {cfg.caption_weight}; expected 0 to 1, and 0 with "
+                           "train.text_finetune (captions are embedded by the frozen sentence encoder)")
     if cfg.checkpoint_every < 0 or cfg.patience < 0:
         raise GeoclipError(f"train.checkpoint_every/patience: expected >= 0, got {cfg.checkpoint_every}/"
                            f"{cfg.patience}")
@@ -396,9 +424,10 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
             step_module, device_ids=[device] if device.type == "cuda" else None)
     tiles = _tiles(params, train_data, rows, device)
     labels = torch.from_numpy(train_labels).to(device)
+    caption_ids, caption_features = _captions(params, rows, device)
     run = _Run(params, rank, world, device, model, step_module, opt, sched, tiles, labels, classes,
                np.asarray(val_data.images[val_rows]), np.asarray(val_data.labels)[val_rows], is_real, balance_labels,
-               generators, ckpt_path, fp)
+               caption_ids, caption_features, generators, ckpt_path, fp)
     # Checkpoints from before the run log was generic name it mlflow_run_id.
     resumed_run_id = ckpt and (ckpt.get("run_id") or ckpt.get("mlflow_run_id"))
     with open_log(resumed_run_id) if rank == 0 else contextlib.nullcontext(NoRunLog()) as log:

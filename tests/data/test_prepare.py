@@ -13,7 +13,7 @@ import rasterio
 from factories import make_tile
 
 from geoclip.bands import ALL_BAND_NAMES
-from geoclip.data.prepare import band_stats, load_split, prepare, stratified_split
+from geoclip.data.prepare import band_stats, load_split, prepare, split_captions, stratified_split
 from geoclip.data.tiles import read_tile
 from geoclip.errors import GeoclipError
 
@@ -94,6 +94,26 @@ def test_split_column_is_honoured_with_metadata(tiny_dataset):
     assert (index["split"] == "train").sum() == 12
     assert index.loc["River_3", "x"] == 30.0 and set(index["region"]) == {"north"}  # extra columns travel
     assert json.loads((out / "stats.json").read_text())["split_method"] == "labels.csv"
+
+
+def test_captions_follow_each_split_in_pack_order(tiny_dataset):
+    labels = pd.read_csv(Path(tiny_dataset.paths.raw) / "labels.csv")
+    words = [f"  tile {i} of {c}  " if i % 3 else None for i, c in enumerate(labels["class"])]
+    edit_labels(tiny_dataset, caption=words)
+    out = prepare(tiny_dataset)
+    index = pd.read_csv(out / "index.csv", keep_default_na=False)
+    by_id = dict(zip(labels["id"], (w.strip() if w else "" for w in words)))
+    for split in ("train", "val", "test"):
+        ids = index.loc[index["split"] == split, "id"]  # the pack's tile order
+        assert list(split_captions(out, split)) == [by_id[i] for i in ids]
+    assert "" in set(split_captions(out, "train"))
+    assert len(split_captions(out, "val")) == len(load_split(out, "val").labels)
+
+
+def test_no_caption_column_means_no_captions(tiny_dataset):
+    out = prepare(tiny_dataset)
+    assert set(split_captions(out, "train")) == {""}
+    assert len(split_captions(out, "train")) == len(load_split(out, "train").labels)
 
 
 @pytest.mark.parametrize("value, message", [(None, "line 4: no split while other rows have one"),

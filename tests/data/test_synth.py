@@ -65,7 +65,9 @@ def test_tiles_layout_and_georeferencing(small):
     raw = Path(params.paths.raw)
     labels = pd.read_csv(raw / "labels.csv")
     assert summary["tiles"] == len(labels) == 40
-    assert {"id", "path", "class"} <= set(labels.columns) and labels["id"].is_unique
+    assert {"id", "path", "class", "caption"} <= set(labels.columns) and labels["id"].is_unique
+    assert labels["caption"].str.len().min() > 20 and labels["caption"].nunique() > 20  # one per tile, varied
+    assert labels.loc[labels["class"] == "SeaLake", "caption"].str.contains("water").all()
     assert labels.groupby("class").size().to_dict() == {c: 4 for c in EUROSAT_CLASSES}
     for row in labels.to_dict("records"):
         assert row["path"] == f"tiles/{row['class']}/{row['id']}.tif"

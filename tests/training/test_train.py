@@ -230,13 +230,41 @@ for name in ("clip", "siglip"):
         torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3).step()
     assert all(close(p, q) for p, q in zip(model.parameters(), ref.parameters())), f"{name}: weights differ"
     print("ok", name, rank)
+
+# The caption loss: one step of training_step on two ranks (each half the batch) equals one process on the whole
+# batch. Tiles are uniform in space so augmentation's flips, drawn per rank, change nothing.
+from geoclip.training.step import training_step
+torch.manual_seed(0)
+cfg = ModelConfig("resnet10t", 16, [f"B{i}" for i in range(13)], ["a", "b", "c"], [["x"]] * 3, [1e3] * 13,
+                  [5e2] * 13)
+model = GeoCLIP(cfg, torch.randn(3, 1, 384)).eval()
+ref = copy.deepcopy(model)
+flat = (torch.rand(8, 13, 1, 1) * 3000).expand(8, 13, 64, 64).contiguous()
+features, ids = torch.randn(5, 384), torch.tensor([0, 1, 1, -1, 2, 4, 4, 0])
+
+
+def one_step(m, module, xs, ys, cs, world):
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return training_step(module, m, opt, sched, xs, ys, torch.arange(3), loss_fn=LOSSES["clip"],
+                         generator=torch.Generator().manual_seed(0), gain_noise=0.0, bf16=False, channels_last=False,
+                         world=world, caption_ids=cs, caption_features=features, caption_weight=0.5)
+
+
+ddp = nn.parallel.DistributedDataParallel(EmbeddingStep(model))
+loss = one_step(model, ddp, flat[mine], y[mine], ids[mine], world)
+ref_loss = one_step(ref, EmbeddingStep(ref), flat, y, ids, 1)
+assert close(loss, ref_loss), f"captions: losses differ {loss} {ref_loss}"
+assert all(close(p, q) for p, q in zip(model.parameters(), ref.parameters())), "captions: weights differ"
+print("ok captions", rank)
 dist.destroy_process_group()
 '''
 
 
 @pytest.mark.slow
 def test_two_rank_losses_gradients_and_steps_equal_the_single_process_global_batch(tmp_path):
-    """DDP + gathered embeddings give the same loss, gradients and updated weights as one process on the batch."""
+    """DDP + gathered embeddings give the same loss, gradients and updated weights as one process on the batch,
+    with the caption loss too."""
     import subprocess
     import sys
 
@@ -246,7 +274,7 @@ def test_two_rank_losses_gradients_and_steps_equal_the_single_process_global_bat
                           str(script)], check=False, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert {f"ok {n} {r}" for n in ("clip", "siglip") for r in (0, 1)} <= set(out.stdout.splitlines())
+    assert {f"ok {n} {r}" for n in ("clip", "siglip", "captions") for r in (0, 1)} <= set(out.stdout.splitlines())
 
 
 def _tiny(root: Path, store: str, **train_opts) -> Path:
@@ -467,3 +495,37 @@ def test_fine_tuned_sentence_encoder_gets_a_hundredth_of_the_learning_rate(tmp_p
         assert len(in_text) == 1  # a group is all text encoder or none of it
         assert g["lr"] == (0.002 * TEXT_LR_FACTOR if in_text == {True} else 0.002)
     assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
+
+
+def _with_captions(prepared: Path, caption_of) -> None:
+    """Add a ``caption`` column to the packs' index.csv: ``caption_of(row)`` per row."""
+    index = pd.read_csv(prepared / "index.csv")
+    index["caption"] = [caption_of(row) for row in index.to_dict("records")]
+    index.to_csv(prepared / "index.csv", index=False)
+
+
+def test_captions_train_the_class_encoder_on_more_than_the_class_names(tmp_path, store):
+    plain = _train(_tiny(tmp_path / "plain", store))
+    _tiny(tmp_path / "captioned", store)
+    _with_captions(tmp_path / "captioned" / "prepared",  # a caption on the training tiles; none elsewhere
+                   lambda r: f"{r['class'].lower()} tile {int(r['id'].split('_')[-1]) % 3}" * (r["split"] == "train"))
+    one = _train(_tiny(tmp_path / "captioned", store, caption_weight=1.0))
+    a, b = _weights(tmp_path / "plain" / "model"), _weights(tmp_path / "captioned" / "model")
+    assert not torch.equal(a["text_proj.0.weight"], b["text_proj.0.weight"])  # the captions moved the class encoder
+    assert one["best_val_top1"] >= 0.5 and plain["best_val_top1"] >= 0.5
+    _train(_tiny(tmp_path / "captioned", store, caption_weight=1.0))  # again: the same weights
+    assert _same(b, _weights(tmp_path / "captioned" / "model"))
+
+
+def test_caption_weight_without_captions_trains_as_without_and_says_so(tmp_path, store, capsys):
+    _train(_tiny(tmp_path / "plain", store))
+    _train(_tiny(tmp_path / "weighted", store, caption_weight=1.0))  # make_packs writes no caption column
+    assert "no training tile has a caption" in capsys.readouterr().err
+    assert _same(_weights(tmp_path / "plain" / "model"), _weights(tmp_path / "weighted" / "model"))
+
+
+@pytest.mark.parametrize("opts", [{"caption_weight": -1.0}, {"caption_weight": 1.5},
+                                  {"caption_weight": 0.5, "text_finetune": True}])
+def test_bad_caption_weight_is_named(tmp_path, store, opts):
+    with pytest.raises(GeoclipError, match="train.caption_weight"):
+        _train(_tiny(tmp_path, store, **opts))
