@@ -4,7 +4,7 @@ Prints, per archive size: build time, index memory, query latency on one core an
 search. The embeddings are synthetic but clustered (unit vectors around a few thousand centres, as windows of one
 continent's land covers cluster); real archives are not this large here. With ``--archive`` the same windows are
 also written as scoring's GeoParquet files and searched as ``geoclip search`` does (geoclip.scoring.ann.open_archive:
-vectors memory-mapped, footprints read for the hits only), each step in a fresh process whose peak memory is
+vectors and footprints copied into files read a row at a time), each step in a fresh process whose peak memory is
 reported: the build (once per archive) and the queries.
 
     python bench/search.py                      # 1M and 10M, 100 queries, nprobe 8/16/32/64
@@ -219,7 +219,7 @@ def main() -> None:
                   f" open {a['query']['open_s']} s, {a['query']['ms_per_query']} ms/query with the hits' footprints,"
                   f" recall@10 {a['query']['recall_at_10']:.3f}, peak RSS {a['query']['peak_rss_gib']} GiB"
                   f" ({a['query']['end_anon_gib']} GiB anonymous, {a['query']['end_file_gib']} GiB file pages at the"
-                  f" end; index {a['index_gib']} GiB in memory, vectors {a['sidecar_gib']} GiB memory-mapped)")
+                  f" end; index {a['index_gib']} GiB in memory, vectors {a['sidecar_gib']} GiB on disk, read by row)")
     result = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "faiss": faiss.__version__, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
