@@ -250,7 +250,9 @@ def run_services(state: str | Path = ".services", ports: dict[str, int] | None =
     def terminate(signum, frame):  # SIGTERM ends the launcher like Ctrl-C, so the services are stopped too
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    # SIGINT too: started by a script in the background (or under nohup, or a CI runner), Python inherits SIGINT
+    # ignored, and Ctrl-C or ``kill -INT`` would leave every server running.
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         print(scrub(f"starting moto S3, MLflow and Prefect on {HOST} (state and logs in {state}) ..."), flush=True)
         s3, *others = service_specs(state, ports)
@@ -265,7 +267,8 @@ def run_services(state: str | Path = ".services", ports: dict[str, int] | None =
     except KeyboardInterrupt:  # during start-up: running() has already stopped what had started
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 #: A TCP proxy (``python -c TCP_PROXY LISTEN_PORT TARGET_PORT``) that tests and bench/faults.py stop and start to

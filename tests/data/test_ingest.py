@@ -256,7 +256,7 @@ def test_synthetic_source_records_band_names(tmp_path):
     synth = {"synth": {"tiles_per_class": 2, "tile_size": 16, "n_scenes": 0}}
     params = params_for(tmp_path, "synthetic", classes=["Forest", "River"], **synth)
     summary = ingest(params)
-    assert summary["n_tiles"] == 4 and summary["metadata_columns"] == ["x", "y"]
+    assert summary["n_tiles"] == 4 and summary["metadata_columns"] == ["x", "y", "caption"]
     _, labels, bands = raw_of(params)
     assert bands == list(ALL_BAND_NAMES) and len(labels) == 4
     other = params_from_dict({"classes": {"names": ["Forest", "River"]}, "paths": {"raw": str(tmp_path / "r2")},

@@ -31,16 +31,18 @@ READY = "Ctrl-C stops them all."
 
 
 def launch(state: Path, ports: dict[str, int], env: dict[str, str] | None = None,
-           seen: list[str] | None = None) -> tuple[subprocess.Popen, dict[str, str]]:
+           seen: list[str] | None = None, sigint_ignored: bool = False) -> tuple[subprocess.Popen, dict[str, str]]:
     """Run ``geoclip services`` until it says the services are ready; return it and the exports it printed.
 
-    ``env`` is added to the launcher's environment; ``seen`` collects every line it prints, now and later.
+    ``env`` is added to the launcher's environment; ``seen`` collects every line it prints, now and later;
+    ``sigint_ignored`` starts it as a script's ``cmd &`` would, with SIGINT inherited ignored.
     """
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from geoclip.cli import main; sys.exit(main())", "services", "--dir",
          str(state), "--s3-port", str(ports["s3"]), "--mlflow-port", str(ports["mlflow"]), "--prefect-port",
          str(ports["prefect"])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=os.environ | (env or {}))
+        env=os.environ | (env or {}),
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
     seen = [] if seen is None else seen
     lines: queue.Queue = queue.Queue()
 
@@ -106,7 +108,7 @@ def test_services_start_answer_stop_and_keep_their_state(tmp_path):
     assert code == 0
     assert all(closed(p) for p in ports.values())  # every server and its workers stopped
 
-    proc, env = launch(state, ports)  # again, from the same state folder
+    proc, env = launch(state, ports, sigint_ignored=True)  # again, from the same state folder, as `cmd &` starts it
     try:
         s3 = s3_client(env)
         assert s3.get_object(Bucket="svc-data", Key="scenes/a.txt")["Body"].read() == b"kept"
