@@ -2,7 +2,8 @@
 
 Generators return *surface* images ``(13, h, w)`` float32 in L1C digital numbers (EuroSAT band order);
 sensor effects (noise, blur, quantisation) are added by :func:`sensor`. Every generator works at any
-size, so the same code paints a 64 px tile and a 600 px region of a large scene.
+size, so the same code paints a 64 px tile and a 600 px region of a large scene, and fills a :class:`Composition`
+(what it painted, in words) for the tile's caption without drawing a random number.
 """
 
 from __future__ import annotations
