@@ -1,9 +1,9 @@
 """Per-tile captions from what the synthetic generator painted: the cover mix in words, the shapes, varied wording.
 
 Ten class names teach the class encoder ten points. A caption per tile ("a narrow winding river: mostly green
-crops, some water and a little trees") ties words shared across classes (water, trees, roads, buildings) to what
-the tile shows, so a class never trained on but described in those words ("a sea or lake: open water covering
-the whole image") lands near its tiles. Captions go in labels.csv's ``caption`` column; training contrasts each
+crops, some water and a few trees") ties words shared across classes (water, trees, roads, buildings) to what
+the tile shows, meant to let a class never trained on but described in those words ("a sea or lake: open water
+everywhere") land near its tiles (bench/unseen_classes.py measures whether it does: so far it does not). Captions go in labels.csv's ``caption`` column; training contrasts each
 tile with its own caption beside its class (``train.caption_weight``).
 """
 

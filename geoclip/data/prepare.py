@@ -335,14 +335,16 @@ def split_origins(prepared_dir: str | Path, split: str) -> np.ndarray | None:
     return np.where(sources == SYNTHETIC_SOURCE, "synthetic", "real")
 
 
-def split_captions(prepared_dir: str | Path, split: str) -> np.ndarray:
-    """Per tile of ``split``'s pack, its caption (index.csv's ``caption``, from labels.csv); "" where it has none."""
+def split_captions(prepared_dir: str | Path, split: str) -> np.ndarray | None:
+    """Per tile of ``split``'s pack, its caption (index.csv's ``caption``, from labels.csv), "" where it has none;
+    None when the data has no captions at all (or the packs no index)."""
     path = Path(prepared_dir) / "index.csv"
-    index = pd.read_csv(path, dtype=str, keep_default_na=False) if path.exists() else pd.DataFrame()
-    rows = index.loc[index["split"] == split] if "split" in index.columns else index
-    if "caption" not in rows.columns:
-        return np.full(len(rows), "", dtype=object)
-    return rows["caption"].str.strip().to_numpy(dtype=object)  # index.csv rows are in pack order
+    if not path.exists():
+        return None
+    index = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "caption" not in index.columns:
+        return None
+    return index.loc[index["split"] == split, "caption"].str.strip().to_numpy(dtype=object)  # in pack order
 
 
 def load_split(prepared_dir: str | Path, split: str) -> PreparedData:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_path
-from geoclip.scoring.embeddings import FOOTPRINT_COLUMNS, META_COLUMNS, footprints, own_metadata
+from geoclip.scoring.embeddings import META_COLUMNS, bbox_columns, own_metadata
 
 INDEX_FILE = "_search.faiss"
 VECTORS_FILE = "_search_vectors.npy"
@@ -171,34 +171,36 @@ class Archive:
         return table[META_COLUMNS]
 
 
-def _describe(files: list[str]) -> tuple[np.ndarray, int, str | None]:
-    """Window offsets, embedding width and model (None if several) of ``files``; mixed widths are refused."""
-    counts, dims, models = [], set(), set()
+@dataclass
+class _Files:
+    """What the footers of an archive's files say: window offsets, width, model, and each file's scene and CRS."""
+
+    starts: np.ndarray
+    dim: int
+    model_uri: str | None
+    scenes: list[tuple[str, str | None]]
+
+
+def _describe(files: list[str]) -> _Files:
+    """Read every file's footer once; mixed embedding widths are refused."""
+    counts, dims, models, scenes = [], set(), set(), []
     for f in files:
         pf = _open(f)
         counts.append(pf.metadata.num_rows)
-        field = pf.schema_arrow.field("embedding") if "embedding" in pf.schema_arrow.names else None
-        if field is None:
+        if "embedding" not in pf.schema_arrow.names:
             raise GeoclipError(f"{f}: no embedding column; expected a file written by scoring (score.embeddings)")
-        dims.add(field.type.list_size)
-        models.add(own_metadata(pf.schema_arrow).get("model_uri"))
+        dims.add(pf.schema_arrow.field("embedding").type.list_size)
+        own = own_metadata(pf.schema_arrow)
+        models.add(own.get("model_uri"))
+        scene = own.get("scene") or (pf.read_row_group(0, columns=["scene"]).column("scene")[0].as_py()
+                                     if pf.num_row_groups else None)  # files from before the scene was recorded
+        scenes.append((scene, own.get("crs_wkt")))
     if len(dims) > 1:
         raise GeoclipError(f"{Path(files[0]).parent}: embeddings of widths {sorted(dims)}; search one model's files "
                            "at a time")
     model = models.pop() if len(models) == 1 else None
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), dims.pop(), model and model.split("#")[0]
-
-
-def _scene_names(files: list[str]) -> list[tuple[str, str | None]]:
-    """Per file, its scene (from the file's metadata, else its first row) and CRS."""
-    out = []
-    for f in files:
-        pf = _open(f)
-        own = own_metadata(pf.schema_arrow)
-        scene = own.get("scene") or (pf.read_row_group(0, columns=["scene"]).column("scene")[0].as_py()
-                                     if pf.num_row_groups else None)
-        out.append((scene, own.get("crs_wkt")))
-    return out
+    return _Files(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), dims.pop(),
+                  model and model.split("#")[0], scenes)
 
 
 def _row_groups(files: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -206,13 +208,14 @@ def _row_groups(files: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for f in files:
         pf = _open(f)
         for g in range(pf.num_row_groups):
-            table = pf.read_row_group(g, columns=["embedding", *FOOTPRINT_COLUMNS[1:]])
+            table = pf.read_row_group(g, columns=["embedding", "row", "col", "size", "bbox"])
             column = table.column("embedding").combine_chunks()
             vectors = np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float16)
-            meta = footprints(table, None, "")
-            records = np.empty(len(meta), FOOTPRINT)
-            for name in FOOTPRINT.names:
-                records[name] = meta[name].to_numpy()
+            records = np.empty(table.num_rows, FOOTPRINT)
+            for name in ("row", "col", "size"):
+                records[name] = table.column(name).to_numpy()
+            for name, values in zip(("xmin", "ymin", "xmax", "ymax"), bbox_columns(table), strict=True):
+                records[name] = values
             yield vectors.reshape(-1, column.type.list_size), records
 
 
@@ -248,17 +251,17 @@ def _file_chunks(path: Path) -> Iterator[np.ndarray]:
 def open_archive(folder: Path, files: list[str], nlist: int = 0, seed: int = 0) -> Archive:
     """The archive of ``files``: the index and sidecars saved in ``folder`` when built from exactly those files, else
     new ones built there (vectors and footprints copied row group by row group, the index from them chunk by chunk)."""
-    starts, dim, model = _describe(files)
-    n = int(starts[-1])
+    about = _describe(files)
+    n, dim = int(about.starts[-1]), about.dim
     index_path, meta_path = folder / INDEX_FILE, folder / META_FILE
     vectors_path, footprints_path = folder / VECTORS_FILE, folder / FOOTPRINTS_FILE
     want = json.loads(json.dumps({"files": fingerprint(files), "nlist": nlist, "seed": seed, "n": n}))
-    scenes = _scene_names(files)
     try:
         if json.loads(meta_path.read_text()) == want:
             vectors, windows = RowFile(vectors_path), RowFile(footprints_path)
             if vectors.shape == (n, dim) and windows.shape == (n,) and windows.dtype == FOOTPRINT:
-                return Archive(files, starts, vectors, windows, scenes, faiss.read_index(str(index_path)), model)
+                return Archive(files, about.starts, vectors, windows, about.scenes,
+                               faiss.read_index(str(index_path)), about.model_uri)
     except (OSError, ValueError, RuntimeError):
         pass  # missing or unreadable: rebuilt below
     try:
@@ -273,4 +276,4 @@ def open_archive(folder: Path, files: list[str], nlist: int = 0, seed: int = 0) 
             tmp.write_text(json.dumps(want))
     except OSError as exc:
         raise GeoclipError(f"{folder}: cannot save the search index ({exc.strerror}); is the folder writable?") from exc
-    return Archive(files, starts, vectors, windows, scenes, index, model)
+    return Archive(files, about.starts, vectors, windows, about.scenes, index, about.model_uri)

@@ -25,7 +25,6 @@ ROW_GROUP = 65_536  # windows per row group: 8 MB of float16 embeddings at D=128
 GEOPARQUET_VERSION = "1.1.0"
 META_KEY = "geoclip"  # file metadata: the model that embedded the windows, the scene and its CRS as WKT
 SUFFIX = "_embeddings.parquet"
-FOOTPRINT_COLUMNS = ["scene", "row", "col", "size", "bbox"]  # what a hit needs besides its vector
 META_COLUMNS = ["scene", "row", "col", "size", "crs", "xmin", "ymin", "xmax", "ymax"]
 
 
@@ -116,12 +115,15 @@ def own_metadata(schema: pa.Schema) -> dict:
     return json.loads((schema.metadata or {}).get(META_KEY.encode(), b"{}"))
 
 
-def footprints(table: pa.Table, crs_wkt: str | None, scene: str | None = None) -> pd.DataFrame:
-    """The windows of ``table`` (an embeddings file's FOOTPRINT_COLUMNS; ``scene`` stands in for a missing scene
-    column) as META_COLUMNS rows."""
-    xmin, ymin, xmax, ymax = (np.asarray(a) for a in table.column("bbox").combine_chunks().flatten())
-    scenes = table.column("scene").to_pylist() if "scene" in table.column_names else [scene] * table.num_rows
-    return pd.DataFrame({"scene": scenes, "row": table.column("row").to_numpy(),
+def bbox_columns(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``xmin, ymin, xmax, ymax`` of an embeddings table's windows (its ``bbox`` covering column)."""
+    return tuple(np.asarray(a) for a in table.column("bbox").combine_chunks().flatten())
+
+
+def footprints(table: pa.Table, crs_wkt: str | None) -> pd.DataFrame:
+    """The windows of an embeddings ``table`` as META_COLUMNS rows."""
+    xmin, ymin, xmax, ymax = bbox_columns(table)
+    return pd.DataFrame({"scene": table.column("scene").to_pylist(), "row": table.column("row").to_numpy(),
                          "col": table.column("col").to_numpy(), "size": table.column("size").to_numpy(),
                          "crs": crs_wkt, "xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax},
                         columns=META_COLUMNS)

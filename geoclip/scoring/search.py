@@ -38,7 +38,6 @@ class Index:
     meta: pd.DataFrame  # META_COLUMNS; crs as WKT; footprint in that CRS
     embeddings: np.ndarray
     model_uri: str | None  # the model that embedded them (None: unknown or several)
-    files: tuple[str, ...] = ()  # the GeoParquet files read (local)
 
     def rows(self, ids: np.ndarray) -> pd.DataFrame:
         """The footprints of windows ``ids`` (META_COLUMNS), in that order."""
@@ -87,8 +86,7 @@ def read_index(source: str | Path) -> Index:
         raise GeoclipError(f"{source}: embeddings of widths {sorted(dims)}; search one model's files at a time")
     models = {p[2] for p in parts}
     return Index(pd.concat([p[0] for p in parts], ignore_index=True), np.concatenate([p[1] for p in parts]),
-                 models.pop().split("#")[0] if len(models) == 1 and None not in models else None,
-                 tuple(f for f in files if not s3.is_s3(f)))
+                 models.pop().split("#")[0] if len(models) == 1 and None not in models else None)
 
 
 def index_tiles(source: str | Path, model, batch_size: int = 256) -> Index:

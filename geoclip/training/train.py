@@ -346,14 +346,14 @@ def _captions(params: Params, rows: np.ndarray, device: torch.device
     """
     if params.train.caption_weight <= 0:
         return None, None
-    captions = split_captions(params.paths.prepared, "train")[rows]
-    distinct = sorted({c for c in captions if c})
+    captions = split_captions(params.paths.prepared, "train")
+    distinct = sorted({c for c in captions[rows] if c}) if captions is not None else []
     if not distinct:
         tqdm.write(f"note: train.caption_weight {params.train.caption_weight}: no training tile has a caption "
                    "(labels.csv column 'caption'); training on the class prompts only", file=sys.stderr)
         return None, None
     position = {c: i for i, c in enumerate(distinct)}
-    ids = np.array([position.get(c, -1) for c in captions], dtype=np.int64)
+    ids = np.array([position.get(c, -1) for c in captions[rows]], dtype=np.int64)
     features = torch.from_numpy(embed_prompts(distinct))
     return torch.from_numpy(ids).to(device), features.to(device)
 
