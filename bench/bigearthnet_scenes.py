@@ -97,10 +97,10 @@ def score_patch(folder: str | Path, scorer: Scorer, work: str | Path, params: Pa
     folder, cfg = Path(folder), params.score
     out = Path(work) / folder.name
     scene = write_stacked_scene(folder, out / f"{folder.name}.tif", scorer.b10_fill, scorer.input_band_names)
-    check_scenes(params, [scene], len(scorer.input_band_names))  # the scenes suite, as score_one runs it
+    check_scenes(params, [scene], scorer.input_band_names)  # the scenes suite, as score_one runs it
     summary = score_scene(scorer.predict_fn, scene, out / "scored", scorer.class_names, window=cfg.window,
                           stride=cfg.stride, batch_size=cfg.batch_size, nodata=cfg.nodata,
-                          n_bands=len(scorer.input_band_names), model_uri=scorer.model_dir, scene_name=folder.name,
+                          bands=scorer.input_band_names, model_uri=scorer.model_dir, scene_name=folder.name,
                           quicklook=cfg.quicklook)
     with rasterio.open(summary["classmap"]) as src:
         classes = src.read(1)

@@ -166,13 +166,14 @@ def read_only(scene: str, args) -> dict:
 
 def scoring(scene: str, args, out: Path) -> dict:
     """Score the scene with geoclip.scoring.score.score_scene and a real model; outputs go to ``out``."""
+    from geoclip.bands import ALL_BAND_NAMES
     from geoclip.scoring.score import score_scene
 
     predict_fn, names, what = make_predict_fn(args)
     started = time.perf_counter()
     with RssSampler() as rss:
         summary = score_scene(predict_fn, scene, out, names, window=args.window, stride=args.stride,
-                              batch_size=args.batch_size, nodata=args.nodata, n_bands=N_BANDS,
+                              batch_size=args.batch_size, nodata=args.nodata, bands=ALL_BAND_NAMES,
                               quicklook=not args.no_quicklook, probabilities=args.probabilities)
     seconds = time.perf_counter() - started
     pixels = summary["width"] * summary["height"]

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import yaml
 
-from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASS_DESCRIPTIONS, EUROSAT_CLASSES
+from geoclip.bands import (
+    ALL_BAND_NAMES,
+    EUROSAT_CLASS_DESCRIPTIONS,
+    EUROSAT_CLASSES,
+    SCL_MASKED_CLASSES,
+    canonical_band,
+)
 from geoclip.errors import GeoclipError
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -60,6 +66,7 @@ class IngestConfig:
     source: str | list[str] = "synthetic"
     band_names: list[str] = field(default_factory=lambda: list(ALL_BAND_NAMES))  # the source files' band order
     workers: int = 8  # parallel copies / downloads
+    processing_level: str = "L1C"  # of the tiles (EuroSAT_MS and the synthetic ones: L1C); the model records it
     # A manifest's rows must stay inside its folder (s3://: its bucket and prefix): a hostile or mistaken manifest
     # cannot pull /etc/... or another bucket's objects into the dataset. true: any path or URI is allowed.
     allow_outside_paths: bool = False
@@ -200,6 +207,17 @@ class ScoreConfig:
     # (content, model, class list).
     classes: list[str] = field(default_factory=list)
     classes_file: str = ""
+    # Inputs whose metadata does not say everything (see geoclip.data.product_reader). A stacked raster without
+    # band descriptions is read in band_names order (empty: the model's own input order).
+    band_names: list[str] = field(default_factory=list)
+    reflectance_scale: float = 0.0  # DN = value x this: 10000 for float reflectance 0-1; 0 = integer DNs as they are
+    dn_offset: float = 0.0  # added to DNs where the input does not state its offset (L2A >= 04.00 per-band: -1000)
+    processing_level: str = ""  # the inputs' level (L1C, L2A) where they do not say it
+    level_mismatch: str = "warn"  # input level != the model's: "warn" (in the summary) or "error"
+    mask: str = "auto"  # "auto": the input's SCL (L2A) or {stem}_mask.tif makes masked pixels nodata; "none"
+    mask_classes: list[int] = field(default_factory=lambda: list(SCL_MASKED_CLASSES))  # SCL classes masked
+    band_fill: dict[str, int] = field(default_factory=dict)  # a constant for a band the input lacks, e.g. {B10: 12}
+    full_resolution: bool = True  # class map blended to each pixel; false: one class per stride cell (faster)
     claim_timeout_s: int = 3600  # a scene claim older than this is taken to belong to a crashed run
     wait_timeout_s: int = 21600  # longest wait for a scene another live run is scoring; then an error (try later)
 
@@ -358,6 +376,21 @@ def _validate(p: Params, source: str) -> None:
         raise GeoclipError(f"fewshot.method: {p.fewshot.method!r}; expected 'linear_probe' or 'projection'")
     if p.score.task_runner not in ("thread", "dask"):
         raise GeoclipError(f"score.task_runner: {p.score.task_runner!r}; expected 'thread' or 'dask'")
+    if p.score.level_mismatch not in ("warn", "error"):
+        raise GeoclipError(f"score.level_mismatch: {p.score.level_mismatch!r}; expected 'warn' or 'error'")
+    if p.score.mask not in ("auto", "none"):
+        raise GeoclipError(f"score.mask: {p.score.mask!r}; expected 'auto' or 'none'")
+    if p.ingest.processing_level.upper() not in ("L1C", "L2A"):
+        raise GeoclipError(f"ingest.processing_level: {p.ingest.processing_level!r}; expected L1C or L2A")
+    if p.score.processing_level.upper() not in ("", "L1C", "L2A"):
+        raise GeoclipError(f"score.processing_level: {p.score.processing_level!r}; expected L1C, L2A or empty")
+    if p.score.reflectance_scale < 0:
+        raise GeoclipError(f"score.reflectance_scale: {p.score.reflectance_scale}; expected a positive number, "
+                           "or 0 (integer DNs as they are)")
+    bad = [b for b in [*p.score.band_names, *p.score.band_fill] if canonical_band(b) is None]
+    if bad:
+        raise GeoclipError(f"score.band_names / score.band_fill: {bad} are not Sentinel-2 band names "
+                           "(expected B01 ... B12, B8A or common names such as blue, nir)")
     if p.register.margin < 0:
         raise GeoclipError(f"register.margin: {p.register.margin}; expected a number >= 0")
     if p.prepare.split not in ("stratified", "spatial"):

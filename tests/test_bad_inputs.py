@@ -301,13 +301,15 @@ CASES: dict[str, Case] = {
                                                        "class) failed for class SeaLake (got 2)"),
     "rgb_scene_to_13_band_model": Case(
         _rgb_scene, ("score", "--model", "{model}", "--scenes", "{root}/scenes", "--out", "{root}/outputs/scores"),
-        ("scene validation failed: scenes.band_count (expected 13 bands, as the model) failed for ",
-         "{root}/scenes/rgb.tif (got 3)"),
+        ("scene validation failed: scenes.readable (expected a scene readable in the model's bands) failed for ",
+         ("{root}/scenes/rgb.tif (got 3 band(s), but the model's input order (no band descriptions, no band_names) "
+          "names 13: B01,")),
         absent=("outputs/scores/rgb_classmap.tif", "outputs/scores/rgb_summary.json"),
         untouched=("outputs/scores/summary.json",)),
     "rgb_scene_on_s3": Case(
         _rgb_scene_on_s3, ("score", "--model", "{model}", "--out", "{root}/outputs/scores"),
-        ("scenes.band_count (expected 13 bands, as the model) failed for s3://{bucket}/scenes/rgb.tif (got 3)",),
+        ("scenes.readable (expected a scene readable in the model's bands) failed for s3://{bucket}/scenes/rgb.tif",
+         "(got 3 band(s), but the model's input order"),
         absent=("outputs/scores",), fixtures=("s3_server",)),
     "ingest_missing_s3_bucket": Case(
         _ingest_from("s3://no-such-bucket-geoclip/eurosat/"), ("ingest",),

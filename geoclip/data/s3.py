@@ -188,6 +188,13 @@ def download_small(uri: str, path: str | Path, s3_client=None) -> Path:
     return Path(path)
 
 
+def read_text(uri: str, s3_client=None) -> str:
+    """The UTF-8 text of a small object (a STAC item, a product's metadata XML)."""
+    bucket, key = split_uri(uri)
+    with _errors(uri, "read", MISSING_OBJECT, "no such object", s3_client):
+        return (s3_client or client()).get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+
+
 def upload(path: str | Path, uri: str) -> str:
     """Put the local file ``path`` at ``uri`` (S3 puts are atomic: readers never see half an object)."""
     bucket, key = split_uri(uri)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,12 +107,16 @@ def _tile_row(path: Path, nodata_value: int, expected_size: int | None = None) -
     return row
 
 
-def _scene_row(path: Path) -> dict:
-    """A scene's header only (scenes are large; the scorer reads the pixels window by window)."""
+def _scene_row(path: str, opener: Callable | None = None) -> dict:
+    """A scene's header only (scenes are large; the scorer reads the pixels window by window), as ``opener`` (e.g.
+    geoclip.data.product_reader.open_product) presents it; a plain rasterio open without one."""
     row: dict = {"path": str(path), "readable": False, "error": None}
     try:
-        with rasterio.open(path) as src:
+        with (opener or rasterio.open)(path) as src:
             row.update(_raster_meta(src))
+    except GeoclipError as exc:  # the reader's own one-line reason (a missing band, an implausible scale ...)
+        row["error"] = str(exc).removeprefix(f"{path}: ")
+        return row
     except (RasterioError, OSError, ValueError) as exc:
         row["error"] = _read_error(exc)
         return row
@@ -406,13 +411,13 @@ def validate(params: Params) -> dict:
 
 
 def validate_scenes(paths: list[str | Path], band_count: int, window: int, reports_dir: str | Path | None = None,
-                    names: list[str] | None = None, dtype: str = "uint16") -> dict:
+                    names: list[str] | None = None, dtype: str = "uint16", opener: Callable | None = None) -> dict:
     """Check scenes before scoring (``scenes`` suite): readable, the model's band count, CRS, one window, dtype.
 
     ``names`` (e.g. the s3:// URIs of downloaded copies) name the files in messages. With ``reports_dir``, write
     ``scenes_validation.json`` and the ``data_docs_scenes`` site there. Raises GeoclipError on any failure.
     """
-    df = pd.DataFrame([_scene_row(Path(p)) for p in paths], columns=SCENE_COLUMNS)
+    df = pd.DataFrame([_scene_row(str(p), opener) for p in paths], columns=SCENE_COLUMNS)
     if names is not None:
         df["path"] = [str(n) for n in names]
     parameters = {"band_count": band_count, "window": window, "dtypes": [dtype]}

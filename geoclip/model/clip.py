@@ -44,6 +44,7 @@ class ModelConfig:
     # The band order of the files the model is served on (the training data's bands.json); ``band_names``
     # are picked from these by name, so a served model takes whole source files as they are.
     input_band_names: list[str] = field(default_factory=lambda: list(ALL_BAND_NAMES))
+    processing_level: str = "L1C"  # of the training tiles (EuroSAT: top of atmosphere); scoring warns on another
     loss: str = "clip"  # "clip" or "siglip": only siglip trains ``logit_bias``
     encoder_args: dict = field(default_factory=dict)  # extra timm.create_model kwargs, e.g. img_size/patch_size
     # Fine-tune the sentence encoder on the prompts' token ids. Training only: save_model stores the

@@ -149,7 +149,8 @@ def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray, tta: bool =
             pip_requirements=[_pinned(p) for p in SERVING_PACKAGES],
             metadata={"class_names": list(cfg.class_names), "band_names": list(cfg.band_names),
                       "input_band_names": list(cfg.input_band_names), "tile_size": cfg.tile_size,
-                      "embed_dim": cfg.embed_dim, "image_encoder": cfg.image_encoder},
+                      "embed_dim": cfg.embed_dim, "image_encoder": cfg.image_encoder,
+                      "processing_level": cfg.processing_level},
         )
 
 

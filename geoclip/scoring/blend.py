@@ -77,16 +77,63 @@ def _cells_to_rows(acc: np.ndarray, hits: np.ndarray, valid: np.ndarray, stride:
     return pixels, probs
 
 
+def _lerp_weights(start: int, stop: int, stride: int, n_cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For pixels ``start..stop`` along one axis: the two cells whose centres bracket each pixel's centre (clamped
+    to the grid) and the second one's weight."""
+    f = (np.arange(start, stop) + 0.5) / stride - 0.5
+    lo = np.floor(f).astype(np.int64)
+    return np.clip(lo, 0, n_cells - 1), np.clip(lo + 1, 0, n_cells - 1), (f - lo).astype(np.float32)
+
+
+def _smooth_rows(acc: np.ndarray, hits: np.ndarray, c0: int, y0: int, y1: int, stride: int, n_cell_rows: int,
+                 valid: np.ndarray, probabilities: bool, chunk: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pixel rows ``y0..y1``: window probabilities blended per cell, interpolated bilinearly between cell centres
+    (cells no window covered carry no weight), then the argmax class; NODATA_CLASS where nothing is valid."""
+    n_classes, w = acc.shape[0], valid.shape[1]
+    covered = hits > 0
+    mean = np.where(covered, acc / np.maximum(hits, 1), 0).astype(np.float32)
+    q0, q1, wx = _lerp_weights(0, w, stride, acc.shape[2])
+    classes = np.empty((y1 - y0, w), np.uint8)
+    probs = np.empty((n_classes, y1 - y0, w), np.uint8) if probabilities else None
+    for a in range(y0, y1, chunk):  # a few rows at a time: (classes, rows, width) floats stay small
+        b = min(a + chunk, y1)
+        r0, r1, wy = _lerp_weights(a, b, stride, n_cell_rows)
+        r0, r1 = r0 - c0, r1 - c0
+
+        def at(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            m, c = mean[:, rows], covered[rows].astype(np.float32)
+            num = m[:, :, q0] * c[:, q0] * (1 - wx) + m[:, :, q1] * c[:, q1] * wx
+            return num, c[:, q0] * (1 - wx) + c[:, q1] * wx
+
+        (n0, d0), (n1, d1) = at(r0), at(r1)
+        num = n0 * (1 - wy)[:, None] + n1 * wy[:, None]
+        den = d0 * (1 - wy)[:, None] + d1 * wy[:, None]
+        p = num / np.maximum(den, 1e-12)
+        part = p.argmax(axis=0).astype(np.uint8)
+        nothing = (den <= 0) | ~valid[a - y0:b - y0]
+        part[nothing] = NODATA_CLASS
+        classes[a - y0:b - y0] = part
+        if probs is not None:
+            scaled = np.rint(p * PROB_SCALE).astype(np.uint8)
+            scaled[:, nothing] = NODATA_CLASS
+            probs[:, a - y0:b - y0] = scaled
+    return classes, probs
+
+
 def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: int, batch_size: int, nodata: int,
-               probabilities: bool = False, embeddings: EmbeddingSink | None = None) -> Iterator[BlendedRows]:
+               probabilities: bool = False, embeddings: EmbeddingSink | None = None,
+               full_resolution: bool = False) -> Iterator[BlendedRows]:
     """Average overlapping window probabilities on a grid of ``stride`` cells; yield final output rows top to bottom.
 
-    Only the cell rows that later windows can still touch are held: memory follows the strip, not the scene.
-    ``embeddings`` receives each batch's window positions and embeddings (``predict_fn`` must return them).
+    ``full_resolution``: each pixel's probabilities are interpolated between the cell centres around it (smooth
+    class boundaries at the input's resolution), else each cell is one class. Only the cell rows that later windows
+    (or the interpolation) can still need are held: memory follows the strip, not the scene. ``embeddings``
+    receives each batch's window positions and embeddings (``predict_fn`` must return them).
     """
-    gw = math.ceil(src.width / stride)
+    gw, gh = math.ceil(src.width / stride), math.ceil(src.height / stride)
     acc, hits = np.zeros((n_classes, 0, gw), np.float32), np.zeros((0, gw), np.int32)
     c0 = done = 0  # first cell row held; first scene row not yet yielded
+    valid = np.zeros((0, src.width), bool)  # rows [done, settled): settled but not yet yielded
     with tqdm(total=src.height, desc=f"score {Path(src.name).name}", unit="row") as bar:
         for batch in scan_windows(src, window, stride, batch_size, nodata):
             if batch.where:
@@ -104,14 +151,27 @@ def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: 
                     q0, q1 = x0 // stride, -(-(x0 + window) // stride)
                     acc[:, r0:r1, q0:q1] += p[:, None, None]
                     hits[r0:r1, q0:q1] += 1
-            if batch.settled > done:
-                c1 = -(-batch.settled // stride) - c0
-                acc, hits = _grow(acc, hits, c1)
-                classes, scaled = _cells_to_rows(acc[:, :c1], hits[:c1], batch.valid, stride, probabilities)
-                yield BlendedRows(done, classes, scaled)
-                acc, hits, c0 = acc[:, c1:], hits[c1:], c0 + c1
-                bar.update(batch.settled - done)
-                done = batch.settled
+            valid = np.concatenate([valid, batch.valid])
+            last = batch.settled >= src.height
+            # Interpolated rows need the cell below their own to be final: the lower half of the last settled cell
+            # row waits for the next one.
+            end = batch.settled if last or not full_resolution else batch.settled - stride // 2
+            if end <= done:
+                continue
+            acc, hits = _grow(acc, hits, (gh if last else -(-batch.settled // stride)) - c0)
+            n = end - done
+            if full_resolution:
+                classes, scaled = _smooth_rows(acc, hits, c0, done, end, stride, gh, valid[:n], probabilities)
+                keep = max(0, math.floor((end + 0.5) / stride - 0.5))  # the first cell row the next rows need
+            else:
+                c1 = -(-end // stride) - c0
+                classes, scaled = _cells_to_rows(acc[:, :c1], hits[:c1], valid[:n], stride, probabilities)
+                keep = c0 + c1
+            yield BlendedRows(done, classes, scaled)
+            acc, hits, c0 = acc[:, keep - c0:], hits[keep - c0:], keep
+            valid = valid[n:]
+            bar.update(n)
+            done = end
 
 
 def _temp_beside(out: Path) -> Path:
@@ -122,14 +182,16 @@ def _temp_beside(out: Path) -> Path:
 
 
 def write_outputs(rows: Iterator[BlendedRows], src, outs: dict[str, Path], class_names: list[str], tags: dict,
-                  truth: str | None) -> tuple[np.ndarray, int, int]:
+                  truth: str | None, row_area: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Stream blended rows into plain tiled GeoTIFFs, then copy them into COGs at ``outs`` (class map,
-    probabilities); return class pixel counts, pixels agreeing with the truth map, and pixels judged."""
+    probabilities); return class pixel counts, class areas (m², from ``row_area``: one pixel's area in each row;
+    default 1), pixels agreeing with the truth map, and pixels judged."""
     h, w = src.height, src.width
     base = {"driver": "GTiff", "dtype": "uint8", "width": w, "height": h, "crs": src.crs, "transform": src.transform,
             "nodata": NODATA_CLASS, "tiled": True, "blockxsize": COG_BLOCK, "blockysize": COG_BLOCK,
             "compress": "deflate"}
-    counts = np.zeros(256, np.int64)
+    counts, areas = np.zeros(256, np.int64), np.zeros(256)
+    row_area = np.ones(h) if row_area is None else np.asarray(row_area, np.float64)
     correct = judged = 0
     plains = {k: _temp_beside(p) for k, p in outs.items()}
     truth_src = rasterio.open(gdal_path(truth)) if truth else None
@@ -145,6 +207,8 @@ def write_outputs(rows: Iterator[BlendedRows], src, outs: dict[str, Path], class
                 if "probabilities" in writers:
                     writers["probabilities"].write(part.probabilities)
                 counts += np.bincount(part.classes.ravel(), minlength=256)
+                n = part.classes.shape[0]
+                areas += np.bincount(part.classes.ravel(), np.repeat(row_area[part.row:part.row + n], w), 256)
                 if truth_src is not None:
                     t = truth_src.read(1, window=Window(0, part.row, w, part.classes.shape[0]))
                     judge = (t != NODATA_CLASS) & (part.classes != NODATA_CLASS)
@@ -162,7 +226,7 @@ def write_outputs(rows: Iterator[BlendedRows], src, outs: dict[str, Path], class
             p.unlink(missing_ok=True)
         if truth_src is not None:
             truth_src.close()
-    return counts, correct, judged
+    return counts, areas, correct, judged
 
 
 def _describe(dsts: dict, class_names: list[str], tags: dict) -> None:

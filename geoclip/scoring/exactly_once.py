@@ -17,6 +17,7 @@ from pathlib import Path
 
 from geoclip.config import Params
 from geoclip.data import s3
+from geoclip.data.products import input_stem
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
 from geoclip.retries import GDAL_NETWORK_TEXT
@@ -39,7 +40,7 @@ def _score_staged(params: Params, model, scene_uri: str, out: Path, model_uri: s
     all inside one fenced publish step (``fence.publishing``: nothing is renamed once the claim was taken over)."""
     import shutil
 
-    stem = Path(scene_uri).stem
+    stem = input_stem(scene_uri)
     out.mkdir(parents=True, exist_ok=True)
     mine = re.compile(rf"\.{re.escape(stem)}\.staging-[a-z0-9_]+")
     for old in out.iterdir():  # a crashed run's leftovers for this scene (the caller holds the scene's claim)
@@ -151,7 +152,7 @@ def score_scene_once(params: Params, load_model: Callable[[], object], scene_uri
     Returns the scene's summary with ``status``: ``scored``, ``skipped`` or, with ``wait=False``, ``busy`` while
     another run holds it (see geoclip.scoring.ledger).
     """
-    name = name or Path(str(scene_uri)).stem
+    name = name or input_stem(str(scene_uri))
     folder = posixpath.dirname(name)
     scene_out = out_uri
     if folder:

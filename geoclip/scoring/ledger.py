@@ -47,27 +47,40 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from geoclip.data import s3
+from geoclip.data.products import input_files, input_stem
 from geoclip.errors import GeoclipError
 
 MANIFEST = "_manifest"
 CHUNK = 8 << 20  # bytes per read while hashing a local scene
 
 
-def content_hash(scene_uri: str, s3_client=None) -> str:
-    """A stable content id: ``sha256:<hex>`` of a local file, or ``s3etag:<etag>:<size>`` of an S3 object."""
-    if s3.is_s3(scene_uri):
-        bucket, key = s3.split_uri(scene_uri)
-        with s3._errors(scene_uri, "read the object's ETag", s3.MISSING_OBJECT, "no such object"):
+def _file_hash(uri: str, s3_client=None) -> str:
+    """``sha256:<hex>`` of a local file, ``s3etag:<etag>:<size>`` of an S3 object, ``url:<url>`` of a web one."""
+    if uri.startswith(("http://", "https://")):
+        return f"url:{uri}"  # not ours to read whole; a changed URL is a changed input
+    if s3.is_s3(uri):
+        bucket, key = s3.split_uri(uri)
+        with s3._errors(uri, "read the object's ETag", s3.MISSING_OBJECT, "no such object"):
             head = (s3_client or s3.client()).head_object(Bucket=bucket, Key=key)
         return f"s3etag:{head['ETag'].strip(chr(34))}:{head['ContentLength']}"
     digest = hashlib.sha256()
     try:
-        with open(scene_uri, "rb") as f:
+        with open(uri, "rb") as f:
             while block := f.read(CHUNK):
                 digest.update(block)
     except OSError as exc:
-        raise GeoclipError(f"{scene_uri}: cannot be read to hash it ({exc.strerror})") from exc
+        raise GeoclipError(f"{uri}: cannot be read to hash it ({exc.strerror})") from exc
     return f"sha256:{digest.hexdigest()}"
+
+
+def content_hash(scene_uri: str, s3_client=None) -> str:
+    """A stable content id of a scene: its file's (see :func:`_file_hash`), or for an input of several files (a
+    product's bands, a scene and its mask) ``files:<sha256>`` over each file's name and id."""
+    files = input_files(str(scene_uri))
+    if len(files) == 1:
+        return _file_hash(files[0], s3_client)
+    lines = "\n".join(f"{f.rstrip('/').rsplit('/', 1)[-1]}={_file_hash(f, s3_client)}" for f in files)
+    return "files:" + hashlib.sha256(lines.encode()).hexdigest()
 
 
 def model_key(model_uri: str) -> str:
@@ -79,8 +92,8 @@ def model_key(model_uri: str) -> str:
 
 
 def scene_name(scene_uri: str) -> str:
-    """The name that identifies a scene's outputs (its file stem: outputs are ``{stem}_classmap.tif`` ...)."""
-    return Path(str(scene_uri)).stem
+    """The name that identifies a scene's outputs (its stem: outputs are ``{stem}_classmap.tif`` ...)."""
+    return input_stem(str(scene_uri))
 
 
 #: What a store returns for a manifest object that exists but is not JSON (``renewed``: when it was last written).

@@ -35,7 +35,7 @@ def plan_scoring(params: Params, model_uri: str | None = None, source: str | Non
     class_request(params.score)  # a bad class list fails before a model is resolved or a scene is checked
     configure(params)
     uri = resolve_model_uri(model_uri or params.score.model_uri)
-    check_scenes(params, scenes, len(model_input_bands(uri)), report=True)
+    check_scenes(params, scenes, model_input_bands(uri), report=True)
     return ScoringPlan(model_uri=uri, scenes=scenes, out=str(out_dir or params.paths.scores), root=root)
 
 

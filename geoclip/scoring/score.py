@@ -8,92 +8,94 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
-import math
 import tempfile
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import ContextManager
 
 import numpy as np
-import rasterio
-from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
+from geoclip.bands import ALL_BAND_NAMES, canonical_band
 from geoclip.config import Params, ScoreConfig
 from geoclip.data import s3
+from geoclip.data.product_reader import ProductReader, ReadOptions, open_product
+from geoclip.data.products import discover_inputs, input_stem
 from geoclip.errors import GeoclipError
-from geoclip.ioutils import atomic_path, write_json
+from geoclip.ioutils import write_json
 
 # Re-exported, part of this module's API: window_starts, PROB_SCALE, blend_rows.
 from geoclip.scoring.blend import NODATA_CLASS, PROB_SCALE, PredictFn, blend_rows, class_colors, write_outputs  # noqa: F401
 from geoclip.scoring.embeddings import SUFFIX as EMBEDDINGS_SUFFIX
 from geoclip.scoring.embeddings import EmbeddingWriter
+from geoclip.scoring.quicklook import true_colour, write_quicklook
 from geoclip.scoring.scene_io import gdal_path, scene_env, window_starts  # noqa: F401
 
-SCENE_SUFFIXES = (".tif", ".tiff")
-SCENE_DTYPE = "uint16"  # the digital numbers the model reads (also the scenes suite's dtype rule)
+SCENE_DTYPE = "uint16"  # what every input is read as: EuroSAT-like digital numbers (the scenes suite's dtype rule)
 SUMMARY_FILE = "summary.json"
 # Per-scene outputs; the summary names the others (and goes last).
 OUTPUT_KEYS = ("classmap", "probabilities", "quicklook", "embeddings", "summary")
 
 
-def pixel_area_m2(src, scene: Path | str) -> float:
-    """Area of one pixel in m²; the scene must be in a projected CRS measured in metres."""
-    crs = src.crs
-    if crs is None or not crs.is_projected or crs.linear_units_factor[1] != 1.0:
-        raise GeoclipError(f"{scene}: CRS {crs.to_string() if crs else None} is not a projected CRS in metres; "
-                           "reproject the scene (e.g. to UTM) to get areas")
-    t = src.transform
-    return abs(t.a * t.e - t.b * t.d)
+def row_areas_m2(src, scene: Path | str) -> np.ndarray:
+    """Area of one pixel in each row, in m²: the pixel's area in a projected CRS in metres; on the WGS84 ellipsoid
+    (pyproj.Geod) in a geographic CRS, where it shrinks with latitude."""
+    crs, t = src.crs, src.transform
+    if crs is None:
+        raise GeoclipError(f"{scene}: no CRS; expected a georeferenced scene")
+    if crs.is_projected:
+        factor = crs.linear_units_factor[1]
+        return np.full(src.height, abs(t.a * t.e - t.b * t.d) * factor * factor)
+    if not crs.is_geographic or t.b or t.d:
+        raise GeoclipError(f"{scene}: CRS {crs.to_string()} with transform {tuple(t)[:6]}; expected a projected CRS "
+                           "or a north-up geographic one")
+    from pyproj import Geod
+
+    geod = Geod(ellps="WGS84")
+    x0, x1 = t.c, t.c + t.a
+    tops = t.f + t.e * np.arange(src.height + 1)
+    return np.array([abs(geod.polygon_area_perimeter([x0, x1, x1, x0], [a, a, b, b])[0])
+                     for a, b in itertools.pairwise(tops)])
 
 
-def _open_scene(scene: Path | str, n_bands: int, window: int):
-    """Open a scene and check bands, dtype and size against the model (a guard for direct callers of score_scene;
-    score_one and score_scenes first run the scenes suite, :func:`check_scenes`, on the same rules)."""
-    try:
-        src = rasterio.open(gdal_path(scene))
-    except RasterioIOError as exc:
-        raise GeoclipError(f"{scene}: cannot be read as a raster ({str(exc).splitlines()[0]})") from exc
-    if src.count != n_bands:
-        src.close()
-        raise GeoclipError(f"{scene}: has {src.count} band(s), the model expects {n_bands}")
+def read_options(cfg: ScoreConfig) -> ReadOptions:
+    """How scoring reads its inputs, from the score params."""
+    return ReadOptions(band_names=tuple(cfg.band_names), reflectance_scale=cfg.reflectance_scale,
+                       dn_offset=cfg.dn_offset, level=cfg.processing_level.upper(), mask=cfg.mask,
+                       mask_classes=tuple(cfg.mask_classes), nodata=cfg.nodata,
+                       band_fill={canonical_band(b): v for b, v in cfg.band_fill.items()})
+
+
+def _open_scene(scene: Path | str, bands: Sequence[str], window: int, read: ReadOptions) -> ProductReader:
+    """Open any input form in the model's band order and check its size against one window (a guard for direct
+    callers of score_scene; score_one and score_scenes first run the scenes suite, :func:`check_scenes`)."""
+    src = open_product(str(scene), bands, read)
     if src.height < window or src.width < window:
         src.close()
         raise GeoclipError(f"{scene}: {src.width}x{src.height} pixels is smaller than one {window}x{window} window")
-    if src.dtypes[0] != SCENE_DTYPE:
-        src.close()
-        raise GeoclipError(f"{scene}: dtype {src.dtypes[0]}, expected {SCENE_DTYPE} digital numbers")
     return src
 
 
-def write_quicklook(classmap: Path, out: Path, n_classes: int, max_size: int = 1024) -> Path:
-    """A small PNG of a class map in class colours (nodata transparent), read from the COG's overviews."""
-    with rasterio.open(classmap) as src:
-        scale = max(1, math.ceil(max(src.height, src.width) / max_size))
-        arr = src.read(1, out_shape=(math.ceil(src.height / scale), math.ceil(src.width / scale)),
-                       resampling=Resampling.nearest)
-    palette = np.zeros((256, 4), np.uint8)
-    palette[:n_classes, :3] = class_colors(n_classes)
-    palette[:n_classes, 3] = 255
-    rgba = np.moveaxis(palette[arr], -1, 0)
-    # GDAL's PNG driver (no matplotlib needed): a plain picture, so no georeferencing and no .aux.xml sidecar.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with (atomic_path(out) as tmp, rasterio.Env(GDAL_PAM_ENABLED="NO"),
-              rasterio.open(tmp, "w", driver="PNG", width=rgba.shape[2], height=rgba.shape[1], count=4,
-                            dtype="uint8") as dst):
-            dst.write(rgba)
-    return out
+def level_warnings(src: ProductReader, model_level: str, mismatch: str) -> list[str]:
+    """A warning when the input's processing level is not the model's (an error with ``mismatch`` "error")."""
+    level = src.describe()["processing_level"]
+    if not model_level or not level or level == model_level:
+        return []
+    text = (f"{src.product.uri}: processing level {level}, but the model was trained on {model_level}: "
+            f"{'bottom' if level == 'L2A' else 'top'}-of-atmosphere values differ, so classes may shift")
+    if mismatch == "error":
+        raise GeoclipError(text + " (score.level_mismatch: error; set it to warn to score anyway)")
+    return [text]
 
 
 def _find_truth(scene: Path | str, truth: Path | str | None) -> str | None:
     """The truth map to judge a scene by: ``truth``, else ``truth/{stem}_truth.tif`` beside the scenes folder;
     None when it does not exist."""
     if truth is None:
-        stem = Path(str(scene)).stem
+        stem = input_stem(str(scene))
         truth = truth_uri(str(scene)) if s3.is_s3(scene) else Path(scene).parent.parent / "truth" / f"{stem}_truth.tif"
     if s3.is_s3(truth):
         return str(truth) if s3.exists(str(truth)) else None
@@ -101,21 +103,26 @@ def _find_truth(scene: Path | str, truth: Path | str | None) -> str | None:
 
 
 def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_names: list[str], window: int = 64,
-                stride: int = 32, batch_size: int = 256, nodata: int = 0, n_bands: int = 13,
-                model_uri: str | None = None, scene_name: str | None = None, quicklook: bool = True,
-                truth: Path | str | None = None, probabilities: bool = False, embeddings: bool = False) -> dict:
-    """Score one local or ``s3://`` scene: blended class map COG, optional per-class probability COG, per-class
-    areas, if a truth map exists pixel accuracy and, with ``embeddings``, each window's embedding and footprint
-    (GeoParquet, see geoclip.scoring.embeddings)."""
-    out_dir, stem = Path(out_dir), Path(str(scene)).stem
+                stride: int = 32, batch_size: int = 256, nodata: int = 0,
+                bands: Sequence[str] = ALL_BAND_NAMES, model_uri: str | None = None, scene_name: str | None = None,
+                quicklook: bool = True, truth: Path | str | None = None, probabilities: bool = False,
+                embeddings: bool = False, read: ReadOptions | None = None, model_level: str = "",
+                level_mismatch: str = "warn", full_resolution: bool = True) -> dict:
+    """Score one local or ``s3://`` input of any form (stacked raster, per-band folder, SAFE, STAC Item; see
+    geoclip.data.products) read in the model's ``bands``: class map COG with its colour table, optional per-class
+    probability COG, per-class areas, if a truth map exists pixel accuracy and, with ``embeddings``, each window's
+    embedding and footprint (GeoParquet, see geoclip.scoring.embeddings)."""
+    out_dir, stem = Path(out_dir), input_stem(str(scene))
+    read = replace(read or ReadOptions(), nodata=nodata)
     if stride <= 0 or stride > window or window % stride:
         raise GeoclipError(f"stride {stride}: must be positive and divide the window ({window})")
     if not 2 <= len(class_names) < NODATA_CLASS:
         raise GeoclipError(f"class_names: {len(class_names)} classes; a uint8 class map holds 2 to {NODATA_CLASS - 1}")
     truth = _find_truth(scene, truth)
     started = time.perf_counter()
-    with scene_env(scene, truth), _open_scene(scene, n_bands, window) as src:
-        area = pixel_area_m2(src, scene)  # fail before the long part
+    with scene_env(scene, truth), _open_scene(scene, bands, window, read) as src:
+        row_area = row_areas_m2(src, scene)  # fail before the long part
+        warnings_ = level_warnings(src, model_level, level_mismatch)
         out_dir.mkdir(parents=True, exist_ok=True)
         outs = {"classmap": out_dir / f"{stem}_classmap.tif"}
         if probabilities:
@@ -129,34 +136,37 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
             writer[0].add(where, emb)
 
         rows = blend_rows(predict_fn, src, len(class_names), window, stride, batch_size, nodata, probabilities,
-                          sink if embeddings else None)
+                          sink if embeddings else None, full_resolution)
         try:
-            counts, correct, judged = write_outputs(
+            counts, areas, correct, judged = write_outputs(
                 rows, src, outs, list(class_names), {"model_uri": str(model_uri), "scene": scene_name or str(scene)},
-                truth)
+                truth, row_area)
         except BaseException:
             for part in writer:
                 part.abort()
             raise
         for part in writer:
             outs["embeddings"] = part.close()
-        h, w, crs = src.height, src.width, src.crs.to_string()
+        h, w, crs, described = src.height, src.width, src.crs.to_string(), src.describe()
+        rgb = true_colour(src, nodata) if quicklook else None
     seconds = time.perf_counter() - started
     summary = {
         "scene": scene_name or str(scene), "model_uri": model_uri, **{k: str(p) for k, p in outs.items()},
-        "width": w, "height": h, "crs": crs, "pixel_area_m2": area, "window": window, "stride": stride,
+        "width": w, "height": h, "crs": crs, "pixel_area_m2": float(row_area.mean()),
+        "area_method": "planar" if src.crs.is_projected else "geodesic (WGS84 ellipsoid)",
+        "window": window, "stride": stride, "full_resolution": full_resolution, "input": described,
         "class_names": list(class_names),
-        "classes": {c: {"pixels": int(counts[i]), "area_km2": float(counts[i]) * area / 1e6}
+        "classes": {c: {"pixels": int(counts[i]), "area_km2": float(areas[i]) / 1e6}
                     for i, c in enumerate(class_names)},
         "nodata_pixels": int(counts[NODATA_CLASS]), "valid_pixels": int(h * w - counts[NODATA_CLASS]),
-        "area_km2": float(h * w - counts[NODATA_CLASS]) * area / 1e6,
+        "area_km2": float(areas[:NODATA_CLASS].sum()) / 1e6, "warnings": warnings_,
         "seconds": round(seconds, 3), "megapixels_per_s": round(h * w / 1e6 / max(seconds, 1e-9), 3),
     }
     if truth is not None:
         summary |= {"truth": truth, "truth_pixels": judged, "accuracy": correct / judged if judged else None}
     if quicklook:
         summary["quicklook"] = str(write_quicklook(outs["classmap"], out_dir / f"{stem}_quicklook.png",
-                                                   len(class_names)))
+                                                   list(class_names), rgb, summary))
     summary["summary"] = str(out_dir / f"{stem}_summary.json")
     write_json(summary["summary"], summary)
     return summary
@@ -164,19 +174,23 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
 
 
 def list_scenes(source: str | Path) -> list[str]:
-    """The ``*.tif`` scenes in a local folder or under an ``s3://bucket/prefix``, at any depth (sorted); folders
-    whose names start with ``.`` or ``_`` (staging, the ledger) are skipped."""
+    """The inputs in a local folder or under an ``s3://bucket/prefix``, at any depth (sorted): stacked ``*.tif``
+    scenes, folders of per-band files, SAFE products and STAC Item JSONs (geoclip.data.products.discover_inputs);
+    folders whose names start with ``.`` or ``_`` (staging, the ledger) are skipped."""
     if s3.is_s3(source):
         root = str(source).rstrip("/")
-        found = [u for u in s3.list_uris(root, SCENE_SUFFIXES) if not _hidden(u[len(root) + 1:])]
+        files = [u for u in s3.list_uris(root) if not _hidden(u[len(root) + 1:])]
     else:
         folder = Path(source)
         if not folder.is_dir():
             raise GeoclipError(f"{folder}: no such folder; expected a folder of scenes or an s3:// prefix")
-        found = [str(p) for p in sorted(folder.rglob("*")) if p.suffix.lower() in SCENE_SUFFIXES and p.is_file()
+        root = str(folder)
+        files = [str(p) for p in sorted(folder.rglob("*")) if p.is_file()
                  and not _hidden(p.relative_to(folder).as_posix())]
+    found = discover_inputs(root, files)
     if not found:
-        raise GeoclipError(f"{source}: no .tif scenes found")
+        raise GeoclipError(f"{source}: no scenes found (expected .tif scenes, per-band folders, SAFE products or "
+                           "STAC Item JSONs)")
     return found
 
 
@@ -187,40 +201,46 @@ def _hidden(relative: str) -> bool:
 
 
 def scene_key(scene_uri: str, root: str | Path) -> str:
-    """A scene's identity: its path below the scenes root without the suffix (``2023/T32UQD``).
+    """A scene's identity: its path below the scenes root without the suffix (``2023/T32UQD``; a product folder's
+    path, less ``.SAFE``).
 
     Outputs (``{out}/2023/T32UQD_classmap.tif``) and ledger entries are keyed by it, so two scenes with one file
     name in different folders stay two scenes; a scene directly in the root keeps its plain stem.
     """
-    scene, base = str(scene_uri), str(root).rstrip("/")
+    scene, base = str(scene_uri).rstrip("/"), str(root).rstrip("/")
     if not s3.is_s3(scene):
         scene, base = Path(scene).resolve().as_posix(), Path(base).resolve().as_posix()
     if not scene.startswith(base + "/"):
-        return Path(scene).stem
+        return input_stem(scene)
     relative = scene[len(base) + 1:]
-    return relative.rsplit(".", 1)[0] if "." in relative.rsplit("/", 1)[-1] else relative
+    folder = relative.rsplit("/", 1)[0] + "/" if "/" in relative else ""
+    if folder and input_stem(scene) != input_stem(relative.rsplit("/", 1)[-1]):  # an MTD: its SAFE folder
+        folder = folder.rsplit("/", 2)[0] + "/" if folder.count("/") > 1 else ""
+    return folder + input_stem(scene)
 
 
 def truth_uri(scene_uri: str) -> str:
     """Where a scene's truth map lives: ``truth/{stem}_truth.tif`` beside the scenes folder."""
     parent = scene_uri.rsplit("/", 2)[0]
-    return f"{parent}/truth/{Path(scene_uri).stem}_truth.tif"
+    return f"{parent}/truth/{input_stem(scene_uri)}_truth.tif"
 
 
-def check_scenes(params: Params, scenes: list[str | Path], n_bands: int, names: list[str] | None = None,
+def check_scenes(params: Params, scenes: list[str | Path], bands: Sequence[str], names: list[str] | None = None,
                  report: bool = False) -> None:
-    """Run the scenes suite on local or ``s3://`` scenes (headers only; S3 through /vsis3/, nothing downloaded);
-    GeoclipError before any scoring. ``names``: what to call them (default: as given).
+    """Run the scenes suite on local or ``s3://`` inputs of any form, as the model will read them (headers and a
+    small sample only; S3 through /vsis3/, nothing downloaded); GeoclipError before any scoring. ``names``: what to
+    call them (default: as given).
 
     ``report`` also writes ``scenes_validation.json`` and the scenes Data Docs under ``paths.reports``.
     """
     from geoclip.data.validate import validate_scenes
 
+    read = read_options(params.score)
     reports = Path(params.paths.reports) if report else None
     with scene_env(*scenes):
-        validate_scenes([gdal_path(s) for s in scenes], n_bands, params.score.window, reports,
-                        names=names or [str(s) for s in scenes], dtype=SCENE_DTYPE)
-
+        validate_scenes([str(s) for s in scenes], len(bands), params.score.window, reports,
+                        names=names or [str(s) for s in scenes], dtype=SCENE_DTYPE,
+                        opener=lambda uri: open_product(uri, bands, read))
 
 
 def class_request(cfg: ScoreConfig) -> dict[str, list[str]] | None:
@@ -270,11 +290,13 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
         return {"probabilities": probs, "embeddings": out["embeddings"]} if cfg.embeddings else probs
 
     kwargs = {"class_names": classes["classes"] if classes else meta["class_names"], "window": cfg.window,
-              "stride": cfg.stride, "batch_size": cfg.batch_size, "nodata": cfg.nodata, "n_bands": len(meta["input_band_names"]),
-              "model_uri": model_uri, "scene_name": str(scene_uri), "quicklook": cfg.quicklook,
-              "probabilities": cfg.probabilities, "embeddings": cfg.embeddings}
+              "stride": cfg.stride, "batch_size": cfg.batch_size, "nodata": cfg.nodata,
+              "bands": list(meta["input_band_names"]), "model_uri": model_uri, "scene_name": str(scene_uri),
+              "quicklook": cfg.quicklook, "probabilities": cfg.probabilities, "embeddings": cfg.embeddings,
+              "read": read_options(cfg), "model_level": meta.get("processing_level") or "",
+              "level_mismatch": cfg.level_mismatch, "full_resolution": cfg.full_resolution}
     if not checked:
-        check_scenes(params, [scene_uri], kwargs["n_bands"])
+        check_scenes(params, [scene_uri], kwargs["bands"])
     if not s3.is_s3(out_uri):
         return score_scene(predict_fn, scene_uri, Path(out_uri), **kwargs)
     with tempfile.TemporaryDirectory(prefix="geoclip-score-") as tmp:

@@ -117,7 +117,8 @@ def model_config(params: Params, data: PreparedData) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     extra = {"loss": params.train.loss, "encoder_args": dict(params.train.encoder_args),
              "text_finetune": params.train.text_finetune, "spectral_stats": params.train.spectral_stats,
-             "templates": list(params.classes.templates), "descriptions": dict(params.classes.descriptions)}
+             "templates": list(params.classes.templates), "descriptions": dict(params.classes.descriptions),
+             "processing_level": params.ingest.processing_level.upper()}
     return ModelConfig(image_encoder=name, embed_dim=params.train.embed_dim, band_names=list(params.bands),
                        class_names=list(names), prompts=[params.classes.prompts(c) for c in names],
                        band_mean=list(data.mean), band_std=list(data.std), tile_size=data.images.shape[-1],

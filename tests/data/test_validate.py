@@ -290,7 +290,7 @@ def test_scenes_suite_checks_each_rule(tmp_path):
     assert msg.startswith("scene validation failed: ") and "\n" not in msg
     assert f"scenes.band_count (expected 13 bands, as the model) failed for {rgb} (got 3)" in msg
     assert f"scenes.height (expected height >= 64 px (one window)) failed for {small} (got 48)" in msg
-    assert f"scenes.readable (expected a readable GeoTIFF) failed for {broken} (got " in msg
+    assert f"scenes.readable (expected a scene readable in the model's bands) failed for {broken} (got " in msg
     saved = json.loads((tmp_path / "reports" / "scenes_validation.json").read_text())
     assert not saved["success"] and {c["check"] for c in saved["checks"] if not c["success"]} == {
         "scenes.band_count", "scenes.height", "scenes.readable"}

@@ -44,7 +44,9 @@ def test_class_map_is_a_cog_matching_the_scene(tmp_path):
     scene = tmp_path / "raw" / "scenes" / "scene_0.tif"
     truth = write_scene(scene)
     out = tmp_path / "out"
-    summary = score_scene(fake_predict, scene, out, CLASSES, batch_size=16, model_uri="models:/x/1")
+    # One class per stride cell (score.full_resolution false) recovers the blocks exactly; see the next test.
+    summary = score_scene(fake_predict, scene, out, CLASSES, batch_size=16, model_uri="models:/x/1",
+                          full_resolution=False)
 
     classmap = out / "scene_0_classmap.tif"
     with rasterio.open(scene) as src, rasterio.open(classmap) as cm:
@@ -75,7 +77,7 @@ def test_truth_beside_the_scenes_gives_pixel_accuracy(tmp_path):
     with rasterio.open(tmp_path / "raw" / "truth" / "scene_1_truth.tif", "w", driver="GTiff", width=240, height=256,
                        count=1, dtype="uint8", nodata=255, **GEO) as dst:
         dst.write(truth, 1)
-    summary = score_scene(fake_predict, scene, tmp_path / "out", CLASSES, quicklook=False)
+    summary = score_scene(fake_predict, scene, tmp_path / "out", CLASSES, quicklook=False, full_resolution=False)
     assert summary["truth_pixels"] == 256 * 240 - 1600
     assert summary["accuracy"] == pytest.approx(1 - 1024 / (256 * 240 - 1600))
     assert "quicklook" not in summary
@@ -84,7 +86,7 @@ def test_truth_beside_the_scenes_gives_pixel_accuracy(tmp_path):
 def test_wrong_band_count_names_file_and_counts(tmp_path):
     scene = tmp_path / "scenes" / "rgb.tif"
     write_scene(scene, count=3)
-    with pytest.raises(GeoclipError, match=r"rgb\.tif: has 3 band\(s\), the model expects 13"):
+    with pytest.raises(GeoclipError, match=r"rgb\.tif: 3 band\(s\), but the model's input order .* names 13"):
         score_scene(fake_predict, scene, tmp_path / "out", CLASSES)
     assert not (tmp_path / "out").exists()
 
@@ -96,18 +98,32 @@ def test_scene_smaller_than_a_window_is_refused(tmp_path):
         score_scene(fake_predict, scene, tmp_path / "out", CLASSES)
 
 
-def test_geographic_crs_is_refused_for_areas(tmp_path):
+def test_geographic_scene_is_scored_in_its_own_grid_with_ellipsoidal_areas(tmp_path):
     scene = tmp_path / "scenes" / "wgs84.tif"
-    write_scene(scene, crs="EPSG:4326")
-    with pytest.raises(GeoclipError, match="not a projected CRS in metres"):
-        score_scene(fake_predict, scene, tmp_path / "out", CLASSES)
+    truth = write_scene(scene, h=256, w=240, nodata_box=0, crs="EPSG:4326")
+    degree = 0.0001  # about 11 m north-south
+    with rasterio.open(scene, "r+") as dst:
+        dst.transform = rasterio.transform.from_origin(10.0, 60.0, degree, degree)  # 60 N: pixels narrow eastward
+    summary = score_scene(fake_predict, scene, tmp_path / "out", CLASSES, quicklook=False, full_resolution=False)
+    with rasterio.open(summary["classmap"]) as cm:
+        assert cm.crs.to_epsg() == 4326 and cm.transform == rasterio.transform.from_origin(10.0, 60.0, degree, degree)
+        np.testing.assert_array_equal(cm.read(1), truth)
+    # A WGS84 cell's area, independently: (a cos(phi) d_lambda) x (M d_phi) with the meridional radius M.
+    a, e2 = 6378137.0, 0.00669437999014
+    phi = np.radians(60.0 - degree * 128)
+    m = a * (1 - e2) / (1 - e2 * np.sin(phi) ** 2) ** 1.5
+    n = a / np.sqrt(1 - e2 * np.sin(phi) ** 2)
+    expected = (n * np.cos(phi) * np.radians(degree)) * (m * np.radians(degree)) * 256 * 240 / 1e6
+    assert summary["area_km2"] == pytest.approx(expected, rel=1e-4)
+    assert summary["area_method"].startswith("geodesic") and summary["crs"] == "EPSG:4326"
+    assert summary["area_km2"] < 256 * 240 * (degree * 111_320) ** 2 / 1e6 * 0.6  # not a square-degree guess
 
 
 def test_local_scene_listing(tmp_path):
     with pytest.raises(GeoclipError, match="no such folder"):
         list_scenes(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(GeoclipError, match="no .tif scenes"):
+    with pytest.raises(GeoclipError, match="no scenes found"):
         list_scenes(tmp_path / "empty")
 
 
@@ -115,7 +131,7 @@ def test_missing_s3_bucket_or_prefix_is_named(s3_server):
     with pytest.raises(GeoclipError, match="s3://no-such-bucket/scenes"):
         list_scenes("s3://no-such-bucket/scenes")
     boto3.client("s3").create_bucket(Bucket="empty-bucket")
-    with pytest.raises(GeoclipError, match="s3://empty-bucket/scenes: no .tif scenes"):
+    with pytest.raises(GeoclipError, match="s3://empty-bucket/scenes: no scenes found"):
         list_scenes("s3://empty-bucket/scenes")
 
 
@@ -309,7 +325,7 @@ def test_block_aligned_blend_equals_the_window_by_window_reference(tmp_path, mon
     scene = tmp_path / "scenes" / "mixed.tif"
     data = write_mixed_scene(scene, 333, 170, tiled=True, blockxsize=32, blockysize=32)
     summary = score_scene(fake_predict, scene, tmp_path / "out", CLASSES, window=window, stride=stride,
-                          batch_size=batch, quicklook=False, probabilities=True)
+                          batch_size=batch, quicklook=False, probabilities=True, full_resolution=False)
     classes, probs = reference_blend(data, window, stride)
     with rasterio.open(summary["classmap"]) as cm, rasterio.open(summary["probabilities"]) as pr:
         np.testing.assert_array_equal(cm.read(1), classes)

@@ -1,0 +1,255 @@
+"""Read a Sentinel-2 product in a model's band order, as EuroSAT-like uint16 digital numbers, window by window.
+
+Bands at 10, 20 and 60 m are brought onto the finest band's grid by a GDAL VRT (bilinear; the mask nearest), so
+nothing is materialised whole: a window of the product reads only that window of each band file. Each band is then
+put in the model's units (reflectance x 10000, as EuroSAT's L1C digital numbers): ``DN * gain + bias``, from the
+product's own metadata (L2A's BOA_ADD_OFFSET, STAC ``raster:bands``, a GDAL scale/offset) or the declared
+``reflectance_scale`` / ``dn_offset``. Masked pixels (L2A SCL classes, or a mask file) become nodata in every band.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Self
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from geoclip.bands import SCL_MASKED_CLASSES
+from geoclip.data.products import BandFile, Product
+from geoclip.errors import GeoclipError
+
+GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
+              "float32": "Float32", "float64": "Float64"}
+MAX_REFLECTANCE = 2.0  # above this after scaling (99th percentile), the declared scale is wrong
+MIN_REFLECTANCE = 0.002  # below this (99th percentile), float reflectance was read as if it were digital numbers
+SAMPLE_PX = 128  # the plausibility check reads the centre and the four corner windows of this size
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read inputs whose metadata does not say everything (the ``score`` / ``ingest`` params)."""
+
+    band_names: tuple[str, ...] = ()  # an undescribed stacked raster's band order
+    reflectance_scale: float = 0.0  # DN = value x this (float reflectance: 10000); 0: integers as they are
+    dn_offset: float = 0.0  # added to every DN where the product does not state its offset (e.g. -1000)
+    level: str = ""  # processing level where the input does not say it ("L1C", "L2A")
+    mask: str = "auto"  # "auto": the product's SCL or mask file when it has one; "none"
+    mask_classes: tuple[int, ...] = SCL_MASKED_CLASSES
+    band_fill: dict[str, int] = field(default_factory=dict)  # a constant for a band the input lacks (B10 of L2A)
+    nodata: int = 0  # a value that, in every band, marks a pixel as nodata (in and out)
+
+
+@dataclass(frozen=True)
+class _Header:
+    crs: object
+    transform: object
+    width: int
+    height: int
+    dtype: str
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        t = self.transform
+        return t.c, t.f + t.e * self.height, t.c + t.a * self.width, t.f
+
+
+def _header(product: Product, band: str, bf: BandFile) -> _Header:
+    try:
+        with rasterio.open(bf.path) as src:
+            return _Header(src.crs, src.transform, src.width, src.height, src.dtypes[bf.index - 1])
+    except RasterioIOError as exc:
+        raise GeoclipError(f"{product.uri}: band {band} ({bf.path}) cannot be read "
+                           f"({str(exc).splitlines()[0]})") from exc
+
+
+def _same_grid(product: Product, ref: tuple[str, _Header], other: tuple[str, _Header], what: str) -> None:
+    """Raise unless ``other`` covers ``ref``'s extent in its CRS (to half the coarser pixel)."""
+    (rb, r), (ob, o) = ref, other
+    if o.crs != r.crs:
+        raise GeoclipError(f"{product.uri}: {what} {ob} is in {o.crs}, {rb} in {r.crs}; expected one CRS")
+    tol = max(abs(r.transform.a), abs(o.transform.a)) / 2
+    if any(abs(a - b) > tol for a, b in zip(r.bounds, o.bounds)):
+        raise GeoclipError(f"{product.uri}: {what} {ob} covers {tuple(round(v, 3) for v in o.bounds)} but {rb} covers "
+                           f"{tuple(round(v, 3) for v in r.bounds)}; expected bands of one extent")
+
+
+def _vrt(ref: _Header, sources: list[tuple[BandFile, _Header, str]], dtype: str) -> str:
+    """A VRT (XML text) of ``sources`` on ``ref``'s grid, one band each, resampled as named."""
+    t = ref.transform
+    bands = []
+    for i, (bf, h, resampling) in enumerate(sources, start=1):
+        dx, dy = (h.bounds[0] - ref.bounds[0]) / t.a, (ref.bounds[3] - h.bounds[3]) / -t.e
+        bands.append(
+            f'<VRTRasterBand dataType="{GDAL_TYPES[dtype]}" band="{i}"><ComplexSource resampling="{resampling}">'
+            f'<SourceFilename relativeToVRT="0">{escape(bf.path)}</SourceFilename><SourceBand>{bf.index}</SourceBand>'
+            f'<SrcRect xOff="0" yOff="0" xSize="{h.width}" ySize="{h.height}"/>'
+            f'<DstRect xOff="{dx:.6f}" yOff="{dy:.6f}" xSize="{h.width * h.transform.a / t.a:.6f}" '
+            f'ySize="{h.height * h.transform.e / t.e:.6f}"/></ComplexSource></VRTRasterBand>')
+    return (f'<VRTDataset rasterXSize="{ref.width}" rasterYSize="{ref.height}"><SRS>{escape(ref.crs.to_wkt())}</SRS>'
+            f'<GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}</GeoTransform>{"".join(bands)}'
+            '</VRTDataset>')
+
+
+class ProductReader:
+    """A product seen as one raster: the model's bands in order, uint16 DNs, on the finest band's grid.
+
+    Quacks like the part of a rasterio dataset that scoring uses (size, CRS, transform, ``read``).
+    """
+
+    def __init__(self, product: Product, model_bands: list[str] | tuple[str, ...], opts: ReadOptions):
+        self.product, self.opts, self.model_bands = product, opts, list(model_bands)
+        self.fill = {b: int(v) for b, v in opts.band_fill.items() if b in self.model_bands and b not in product.bands}
+        read = [b for b in self.model_bands if b not in self.fill]
+        missing = [b for b in read if b not in product.bands]
+        if missing:
+            level = f"{product.level} " if product.level else ""
+            raise GeoclipError(
+                f"{product.uri}: no band {', '.join(missing)} in this {level}{product.form} input (it has "
+                f"{', '.join(sorted(product.bands))}); the model reads {', '.join(self.model_bands)}: score with a "
+                f"model trained without {', '.join(missing)}, or set score.band_fill (e.g. {{{missing[0]}: 12}})")
+        if not read:
+            raise GeoclipError(f"{product.uri}: every band the model reads is filled by score.band_fill")
+        heads = {b: _header(product, b, product.bands[b]) for b in read}
+        dtypes = {h.dtype for h in heads.values()}
+        if len(dtypes) > 1:
+            raise GeoclipError(f"{product.uri}: bands of different types {sorted(dtypes)}; expected one")
+        self.src_dtype = dtypes.pop()
+        if self.src_dtype not in GDAL_TYPES:
+            raise GeoclipError(f"{product.uri}: dtype {self.src_dtype}; expected integer DNs or float reflectance")
+        finest = min(read, key=lambda b: abs(heads[b].transform.a))
+        ref = heads[finest]
+        for b in read:
+            _same_grid(product, (finest, ref), (b, heads[b]), "band")
+        self.gain, self.bias = self._units(read)
+        # Identity units on uint16: the pixels are already the model's DNs, read without arithmetic or copies.
+        self._identity = self.src_dtype == "uint16" and (self.gain == 1).all() and (self.bias == 0).all()
+        files = {product.bands[b].path for b in read}
+        if len(files) == 1:  # one file (a stacked scene): read its bands in order directly; a VRT would decode each
+            self._src = rasterio.open(files.pop())  # pixel-interleaved block once per band
+            self._indexes = [product.bands[b].index for b in read]
+        else:
+            self._src = rasterio.open(_vrt(ref, [(product.bands[b], heads[b], "bilinear") for b in read],
+                                           self.src_dtype))
+            self._indexes = list(range(1, len(read) + 1))
+        self.mask_kind, self._mask = "", None
+        if product.mask is not None and opts.mask == "auto":
+            mh = _header(product, "mask", product.mask)
+            _same_grid(product, (finest, ref), (product.mask.path, mh), "mask")
+            self.mask_kind = product.mask_kind
+            single = (mh.width, mh.height, mh.transform) == (ref.width, ref.height, ref.transform)
+            self._mask = rasterio.open(product.mask.path if single and product.mask.index == 1 else
+                                       _vrt(ref, [(product.mask, mh, "nearest")], mh.dtype))
+        self.read_bands = read
+        self.name, self.height, self.width = product.stem, ref.height, ref.width
+        self.crs, self.transform, self.count = ref.crs, ref.transform, len(self.model_bands)
+        self.dtypes = ("uint16",) * self.count
+        self.descriptions = tuple(self.model_bands)
+        self.block_shapes = [self._src.block_shapes[0]] * self.count
+        self.resolution = abs(ref.transform.a)
+        self._check_plausible()
+
+    def _units(self, read: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per read band: DN = value x gain + bias (the declaration wins over the product's metadata)."""
+        floating = np.dtype(self.src_dtype).kind == "f"
+        if floating and not self.opts.reflectance_scale and not all(b in self.product.gain for b in read):
+            raise GeoclipError(f"{self.product.uri}: float values ({self.src_dtype}) with no declared scale; set "
+                               "score.reflectance_scale (10000 for reflectance 0-1, 1 for digital numbers)")
+        gain = [self.opts.reflectance_scale or self.product.gain.get(b, 1.0) for b in read]
+        bias = [self.product.bias.get(b, self.opts.dn_offset) for b in read]
+        return np.asarray(gain, np.float64)[:, None, None], np.asarray(bias, np.float64)[:, None, None]
+
+    def _check_plausible(self) -> None:
+        """Refuse a scale that makes the product's values implausible, before anything is scored."""
+        size = min(SAMPLE_PX, self.height, self.width)
+        spots = [((self.height - size) // 2, (self.width - size) // 2)] + [
+            (y, x) for y in (0, self.height - size) for x in (0, self.width - size)]
+        values = []
+        for y, x in spots:
+            raw = self._src.read(self._indexes, window=Window(x, y, size, size))[:, ::2, ::2].astype(np.float32)
+            valid = np.any(raw != self.opts.nodata, axis=0)
+            values.append(((raw[:, valid] * self.gain[:, :, 0] + self.bias[:, :, 0]) / 10000).ravel())
+        sample = np.concatenate(values)
+        if not sample.size:
+            return  # an empty (all-nodata) sample says nothing
+        high = float(np.percentile(sample, 99))
+        scale = f"score.reflectance_scale {self.opts.reflectance_scale:g}" if self.opts.reflectance_scale else \
+            "the product's scale"
+        if high > MAX_REFLECTANCE:
+            raise GeoclipError(f"{self.product.uri}: reflectance {high:.3g} after {scale} (99th percentile); expected "
+                               f"at most about 1 (under {MAX_REFLECTANCE}); check score.reflectance_scale")
+        if high < MIN_REFLECTANCE:
+            raise GeoclipError(f"{self.product.uri}: reflectance {high:.3g} after {scale} (99th percentile): "
+                               "implausibly dark; float reflectance 0-1 needs score.reflectance_scale: 10000")
+
+    def read(self, indexes=None, window: Window | None = None, out_shape: tuple[int, int] | None = None,
+             resampling: Resampling = Resampling.nearest) -> np.ndarray:
+        """Model bands (``indexes``, 1-based, default all) as uint16 DNs; nodata (and masked) pixels ``nodata``."""
+        window = window or Window(0, 0, self.width, self.height)
+        shape = out_shape or (int(window.height), int(window.width))
+        raw = self._src.read(self._indexes, window=window, out_shape=(len(self._indexes), *shape),
+                             resampling=resampling)
+        fast = self._identity and not self.fill and self._mask is None
+        invalid = None if fast else np.all(raw == self.opts.nodata, axis=0)
+        if self._identity:
+            dn = raw
+        else:
+            scaled = raw.astype(np.float32) * self.gain.astype(np.float32) + self.bias.astype(np.float32)
+            low = 1 if self.opts.nodata == 0 else 0  # a valid pixel never reads as nodata
+            dn = np.clip(np.rint(scaled), low, 65535).astype(np.uint16)
+        if self._mask is not None:
+            m = self._mask.read(1, window=window, out_shape=shape, resampling=Resampling.nearest)
+            invalid |= np.isin(m, self.opts.mask_classes) if self.mask_kind == "scl" else m != 0
+        if self.fill or self.read_bands != self.model_bands:
+            out = np.empty((self.count, *shape), np.uint16)
+            for i, band in enumerate(self.model_bands):
+                out[i] = self.fill[band] if band in self.fill else dn[self.read_bands.index(band)]
+        else:
+            out = dn
+        if invalid is not None:
+            out[:, invalid] = self.opts.nodata
+        picked = [i - 1 for i in ([indexes] if isinstance(indexes, int) else indexes or range(1, self.count + 1))]
+        if isinstance(indexes, int):
+            return out[picked[0]]
+        return out if picked == list(range(self.count)) else out[picked]
+
+    def describe(self) -> dict:
+        """What was read and how (for the summary JSON)."""
+        p = self.product
+        return {"form": p.form, "processing_level": p.level or self.opts.level or None,
+                "bands": {b: f"fill {self.fill[b]}" if b in self.fill else
+                          f"{p.bands[b].path}" + (f" band {p.bands[b].index}" if p.form == "stacked" else "")
+                          for b in self.model_bands},
+                "source_dtype": self.src_dtype, "resolution": self.resolution,
+                "dn_gain": sorted({float(g) for g in self.gain.ravel()}),
+                "dn_offset": sorted({float(b) for b in self.bias.ravel()}),
+                "mask": ({"kind": self.mask_kind, "file": p.mask.path,
+                          **({"classes": list(self.opts.mask_classes)} if self.mask_kind == "scl" else {})}
+                         if self._mask is not None else None)}
+
+    def close(self) -> None:
+        """Close the files (or VRTs) read."""
+        self._src.close()
+        if self._mask is not None:
+            self._mask.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_product(uri: str, model_bands: list[str] | tuple[str, ...], opts: ReadOptions) -> ProductReader:
+    """Resolve ``uri`` (any input form, see geoclip.data.products) and open it in ``model_bands`` order."""
+    from geoclip.data.products import resolve
+
+    product = resolve(uri, list(opts.band_names) or None, opts.level, model_bands)
+    if not math.isfinite(opts.reflectance_scale) or opts.reflectance_scale < 0:
+        raise GeoclipError(f"reflectance_scale: {opts.reflectance_scale}; expected a positive number, or 0 (not set)")
+    return ProductReader(product, model_bands, opts)
