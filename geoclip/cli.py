@@ -117,6 +117,7 @@ def _class_list(args) -> dict[str, list[str]] | None:
 def cmd_predict(args) -> None:
     """Classify tiles and write a CSV of classes and probabilities."""
     from geoclip.scoring.predict import predict_tiles
+    from geoclip.scoring.score import read_options
 
     params = load_params(args.params)
     if args.model is None:
@@ -124,7 +125,7 @@ def cmd_predict(args) -> None:
 
         configure(params)
     df = predict_tiles(args.tiles, args.model or params.score.model_uri, args.out, batch_size=args.batch_size,
-                       classes=_class_list(args))
+                       classes=_class_list(args), read=read_options(params.score))
     print(f"wrote {args.out} ({len(df)} tiles)")
 
 

@@ -36,11 +36,13 @@ def write_band(path: Path, band: str, value: int | None = None, driver: str = "G
     return path
 
 
-def per_band_folder(folder: Path, bands=tuple(b for b in MTD_IDS if b != "B10"), prefix: str = "S2B_MSIL2A_T32",
-                    scl: np.ndarray | None = None) -> Path:
-    """A BigEarthNet-like folder: ``{prefix}_B02.tif`` ... at native resolutions, optionally ``_SCL.tif`` (20 m)."""
+def per_band_folder(folder: Path, bands=tuple(b for b in MTD_IDS if b != "B10"), prefix: str | None = None,
+                    scl: np.ndarray | None = None, size_10m: int = SIZE_10M) -> Path:
+    """A BigEarthNet-like folder: ``{prefix}_B02.tif`` ... (prefix: the folder's name) at native resolutions,
+    ``size_10m`` pixels at 10 m (a multiple of 6), optionally ``_SCL.tif`` (20 m)."""
+    prefix = prefix or folder.name
     for band in bands:
-        write_band(folder / f"{prefix}_{band}.tif", band)
+        write_band(folder / f"{prefix}_{band}.tif", band, size_10m=size_10m)
     if scl is not None:
         write_band(folder / f"{prefix}_SCL.tif", "SCL", data=scl.astype(np.uint8))
     return folder

@@ -9,8 +9,6 @@ from typing import NamedTuple
 
 import numpy as np
 import rasterio
-from rasterio.enums import Resampling
-from rasterio.errors import RasterioIOError
 
 from geoclip.bands import ALL_BAND_NAMES
 from geoclip.errors import GeoclipError
@@ -20,8 +18,6 @@ from geoclip.ioutils import atomic_path
 MISSING_BAND = "B10"
 #: Default B10 fill: the mean of B10 over the 100 real EuroSAT_MS dev tiles (12.5 digital numbers), rounded.
 B10_FILL = 12
-#: The 10 m band whose grid the patch is stacked on.
-REFERENCE_BAND = "B02"
 LABELS_SUFFIX = "_labels_metadata.json"
 
 #: Each of BigEarthNet's 43 CORINE Land Cover level-3 labels, spelled as its label files spell them, to the EuroSAT
@@ -91,24 +87,6 @@ def _band_file(folder: Path, band: str) -> Path:
     return folder / f"{folder.name}_{band}.tif"
 
 
-def _read_band(path: Path, band: str, grid: dict) -> np.ndarray:
-    """One band resampled onto the 10 m ``grid``, after checking it covers the same ground in the same CRS."""
-    if not path.is_file():
-        raise GeoclipError(f"{path}: missing; expected band {band} as <patch>_{band}.tif (BigEarthNet-S2 layout)")
-    try:
-        with rasterio.open(path) as src:
-            if src.crs != grid["crs"] or src.bounds != grid["bounds"]:
-                raise GeoclipError(f"{path}: CRS {src.crs} bounds {tuple(src.bounds)}; expected those of "
-                                   f"{REFERENCE_BAND}: {grid['crs']} {tuple(grid['bounds'])}")
-            if src.dtypes[0] != "uint16":
-                raise GeoclipError(f"{path}: dtype {src.dtypes[0]}; expected uint16 digital numbers")
-            # Bilinear, not nearest: EuroSAT_MS tiles show their 20/60 m bands smoothly interpolated (B01 changes by
-            # a few DN from pixel to pixel, with no 6 x 6 blocks), so bilinear looks like the training data.
-            return src.read(1, out_shape=(grid["height"], grid["width"]), resampling=Resampling.bilinear)
-    except RasterioIOError as exc:
-        raise GeoclipError(f"{path}: cannot be read as a raster ({str(exc).splitlines()[0]})") from exc
-
-
 def read_labels(folder: str | Path) -> list[str]:
     """The CORINE labels of a patch, from ``<patch>_labels_metadata.json``."""
     path = Path(folder) / f"{Path(folder).name}{LABELS_SUFFIX}"
@@ -126,25 +104,26 @@ def read_labels(folder: str | Path) -> list[str]:
 def read_patch(folder: str | Path, b10_fill: int = B10_FILL) -> Patch:
     """Stack a patch's 12 band files to ``(13, H, W)`` uint16 at 10 m; B10, absent from L2A, is ``b10_fill``.
 
-    20 m and 60 m bands are upsampled bilinearly; the 10 m bands are read as they are. A missing band or labels
-    file raises GeoclipError naming it.
+    Read as scoring reads any per-band product (geoclip.data.product_reader: a VRT on the 10 m grid, 20 m and
+    60 m bands upsampled bilinearly, as EuroSAT_MS tiles show theirs). A missing band or labels file raises
+    GeoclipError naming it.
     """
+    from geoclip.data.product_reader import ReadOptions, open_product
+
     folder = Path(folder)
     if not folder.is_dir():
         raise GeoclipError(f"{folder}: no such folder; expected a BigEarthNet-S2 patch folder")
-    reference = _band_file(folder, REFERENCE_BAND)
-    if not reference.is_file():
-        raise GeoclipError(f"{reference}: missing; expected band {REFERENCE_BAND} as <patch>_{REFERENCE_BAND}.tif")
-    with rasterio.open(reference) as src:
-        grid = {"crs": src.crs, "bounds": src.bounds, "height": src.height, "width": src.width,
-                "transform": src.transform}
-    pixels = np.full((len(ALL_BAND_NAMES), grid["height"], grid["width"]), b10_fill, dtype=np.uint16)
-    for i, band in enumerate(ALL_BAND_NAMES):
-        if band != MISSING_BAND:
-            pixels[i] = _read_band(_band_file(folder, band), band, grid)
-    profile = {"driver": "GTiff", "crs": grid["crs"], "transform": grid["transform"], "width": grid["width"],
-               "height": grid["height"], "count": len(ALL_BAND_NAMES), "dtype": "uint16"}
-    return Patch(pixels, profile, read_labels(folder))
+    for band in ALL_BAND_NAMES:
+        if band != MISSING_BAND and not _band_file(folder, band).is_file():
+            raise GeoclipError(f"{_band_file(folder, band)}: missing; expected band {band} as <patch>_{band}.tif "
+                               "(BigEarthNet-S2 layout)")
+    labels = read_labels(folder)
+    opts = ReadOptions(band_fill={MISSING_BAND: b10_fill}, mask="none")
+    with open_product(str(folder), ALL_BAND_NAMES, opts) as src:
+        pixels = src.read()
+        profile = {"driver": "GTiff", "crs": src.crs, "transform": src.transform, "width": src.width,
+                   "height": src.height, "count": len(ALL_BAND_NAMES), "dtype": "uint16"}
+    return Patch(pixels, profile, labels)
 
 
 def write_stacked_scene(folder: str | Path, out_path: str | Path, b10_fill: int = B10_FILL,

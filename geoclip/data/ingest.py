@@ -24,10 +24,12 @@ from tqdm import tqdm
 from geoclip.bands import ALL_BAND_NAMES
 from geoclip.config import Params
 from geoclip.data import s3
+from geoclip.data.product_reader import ReadOptions, write_stacked
 from geoclip.data.tiles import (
     BANDS_FILE,
     LABELS_FILE,
     MANIFEST_SUFFIXES,
+    TIFF_SUFFIXES,
     band_descriptions,
     discover_tiles,
     layout_tiles,
@@ -303,15 +305,26 @@ def _copy(src: str, dst: Path, client, band_names: list[str], digest: bool) -> s
     A local file is checked before it is copied (a FIFO or a device listed as a tile is never read to its end);
     an S3 object is fetched first (into the temporary folder, never into ``paths.raw``) and checked there.
     """
+    if not src.rstrip("/").lower().endswith(TIFF_SUFFIXES):  # a per-band folder, a SAFE, a STAC item
+        if s3.is_s3(src):
+            raise GeoclipError(f"{src}: per-band, SAFE and STAC tiles are ingested from local paths; stack it to one "
+                               "GeoTIFF (or copy the product locally) first")
+        if not os.path.exists(src):
+            raise GeoclipError(f"{src}: no such file or folder (listed by ingest.source)")
+        write_stacked(src, dst, band_names)  # the same reader as scoring and predict
+        return pixel_digest(dst, src) if digest else None
     if s3.is_s3(src):
         s3.download_small(src, dst, client)
-        _check_bands(src, dst, band_names)
+        if not _in_order(src, dst, band_names):
+            _restack(src, dst, dst, band_names)
         return pixel_digest(dst, src) if digest else None
     if not os.path.exists(src):
         raise GeoclipError(f"{src}: no such file (listed by ingest.source)")
     if not os.path.isfile(src):
         raise GeoclipError(f"{src}: not a regular file; expected a GeoTIFF tile")
-    _check_bands(src, Path(src), band_names)
+    if not _in_order(src, Path(src), band_names):
+        _restack(src, Path(src), dst, band_names)
+        return pixel_digest(dst, src) if digest else None
     try:
         shutil.copy2(src, dst)
     except FileNotFoundError as exc:
@@ -357,15 +370,22 @@ def _fetch_all(srcs: list[str], dsts: list[Path], classes: list[str], band_names
     return digests
 
 
-def _check_bands(src: str, local: Path, expected: list[str]) -> None:
-    """Refuse a tile whose stored band names differ from ``ingest.band_names`` (in order)."""
+def _in_order(src: str, local: Path, expected: list[str]) -> bool:
+    """True when a tile's stored band names are ``ingest.band_names`` in order (or it names none: EuroSAT's)."""
     try:
         found = band_descriptions(local)
     except GeoclipError as exc:
         raise GeoclipError(str(exc).replace(str(local), src)) from exc  # name the source, not the temp copy
-    if found is not None and found != expected:
-        raise GeoclipError(f"{src}: band names {found} do not match ingest.band_names {expected}; "
-                           f"set ingest.band_names to the files' band order")
+    return found is None or found == expected
+
+
+def _restack(src: str, local: Path, dst: Path, expected: list[str]) -> None:
+    """Rewrite a tile whose bands are named in another order or spelling (B1 ... B8A ...) in ``ingest.band_names``
+    order, through the same reader as scoring; a tile lacking a band is refused, naming the source."""
+    try:
+        write_stacked(str(local), dst, expected, ReadOptions(mask="none"))
+    except GeoclipError as exc:
+        raise GeoclipError(str(exc).replace(str(local), src) + " (ingest.band_names)") from exc
 
 
 def _summary(params: Params, labels: pd.DataFrame, start: float) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Self
 from xml.sax.saxutils import escape
 
@@ -20,8 +21,8 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from geoclip.bands import SCL_MASKED_CLASSES
-from geoclip.data.products import BandFile, Product
+from geoclip.bands import SCL_MASKED_CLASSES, canonical_band
+from geoclip.data.products import MASK_SUFFIX, BandFile, Product, gdal_name, mask_uri
 from geoclip.errors import GeoclipError
 
 GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
@@ -91,7 +92,8 @@ def _vrt(ref: _Header, sources: list[tuple[BandFile, _Header, str]], dtype: str)
             f'<SrcRect xOff="0" yOff="0" xSize="{h.width}" ySize="{h.height}"/>'
             f'<DstRect xOff="{dx:.6f}" yOff="{dy:.6f}" xSize="{h.width * h.transform.a / t.a:.6f}" '
             f'ySize="{h.height * h.transform.e / t.e:.6f}"/></ComplexSource></VRTRasterBand>')
-    return (f'<VRTDataset rasterXSize="{ref.width}" rasterYSize="{ref.height}"><SRS>{escape(ref.crs.to_wkt())}</SRS>'
+    srs = f"<SRS>{escape(ref.crs.to_wkt())}</SRS>" if ref.crs else ""
+    return (f'<VRTDataset rasterXSize="{ref.width}" rasterYSize="{ref.height}">{srs}'
             f'<GeoTransform>{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}</GeoTransform>{"".join(bands)}'
             '</VRTDataset>')
 
@@ -253,3 +255,59 @@ def open_product(uri: str, model_bands: list[str] | tuple[str, ...], opts: ReadO
     if not math.isfinite(opts.reflectance_scale) or opts.reflectance_scale < 0:
         raise GeoclipError(f"reflectance_scale: {opts.reflectance_scale}; expected a positive number, or 0 (not set)")
     return ProductReader(product, model_bands, opts)
+
+
+def _plain_tile(src, model_bands: list[str] | tuple[str, ...], opts: ReadOptions) -> bool:
+    """True when a stacked file already is the model's input: uint16 DNs in its band order, no scale or offset."""
+    names = [canonical_band(d or "") for d in src.descriptions]
+    ordered = names == list(model_bands) if any(src.descriptions) else not opts.band_names
+    return (ordered and src.dtypes[0] == "uint16" and all(s in (None, 1.0) for s in src.scales)
+            and not any(src.offsets))
+
+
+def read_tile(uri: str, model_bands: list[str] | tuple[str, ...], size: int | None = None,
+              opts: ReadOptions | None = None) -> np.ndarray:
+    """One tile of any input form (geoclip.data.products) as ``(bands, H, W)`` uint16 in ``model_bands`` order.
+
+    ``size``: a tile of another size (or band count) is refused from its header, before its pixels are read (a
+    whole scene dropped among the tiles is 3 GB). A stacked uint16 tile already in the model's order (EuroSAT's
+    own) is read directly; anything else through :class:`ProductReader`, as scoring reads scenes.
+    """
+    opts = opts or ReadOptions()
+    expected = (len(model_bands), size, size)
+
+    def check(bands: int, height: int, width: int) -> None:
+        if size is not None and (bands, height, width) != expected:
+            hint = " (a whole scene? score it with `geoclip score`)" if height * width > size * size else ""
+            raise GeoclipError(f"{uri}: tile shape {(bands, height, width)}, the model expects {expected}{hint}")
+
+    name = str(uri).rstrip("/").rsplit("/", 1)[-1]
+    if name.lower().endswith((".tif", ".tiff")) and not name.rsplit(".", 1)[0].endswith(MASK_SUFFIX):
+        try:
+            with rasterio.open(gdal_name(str(uri))) as src:
+                if _plain_tile(src, model_bands, opts) and not Path(mask_uri(str(uri))).is_file():
+                    check(src.count, src.height, src.width)
+                    return src.read()
+        except RasterioIOError as exc:
+            raise GeoclipError(f"{uri}: cannot be read as a raster ({str(exc).splitlines()[0]})") from exc
+    with open_product(str(uri), model_bands, opts) as src:
+        check(src.count, src.height, src.width)
+        return src.read()
+
+
+def write_stacked(uri: str, out: Path, model_bands: list[str] | tuple[str, ...],
+                  opts: ReadOptions | None = None) -> Path:
+    """Write an input of any form as one GeoTIFF of ``model_bands`` in that order (descriptions set to them), CRS
+    and transform kept; written to a temporary name and renamed."""
+    from geoclip.ioutils import atomic_path
+
+    with open_product(str(uri), model_bands, opts or ReadOptions()) as src:
+        pixels = src.read()
+        profile = {"driver": "GTiff", "crs": src.crs, "transform": src.transform, "width": src.width,
+                   "height": src.height, "count": src.count, "dtype": "uint16", "compress": "deflate"}
+        described = src.describe()
+    with atomic_path(Path(out)) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(pixels)
+        dst.descriptions = tuple(model_bands)
+        dst.update_tags(source=str(uri), processing_level=described["processing_level"] or "")
+    return Path(out)

@@ -55,7 +55,7 @@ class Product:
     files: tuple[str, ...] = ()  # every file the pixels come from (content identity, outputs' provenance)
 
 
-def _gdal(uri: str) -> str:
+def gdal_name(uri: str) -> str:
     """GDAL's name for a local path or an ``s3://`` URI (``/vsis3/``)."""
     if s3.is_s3(uri):
         bucket, key = s3.split_uri(uri)
@@ -125,7 +125,7 @@ def _level_from_name(text: str) -> str:
 def _stacked(uri: str, band_names: list[str] | None, default_order: list[str]) -> Product:
     """A multi-band raster: bands in the order its descriptions name, else ``band_names``, else ``default_order``."""
     try:
-        with rasterio.open(_gdal(uri)) as src:
+        with rasterio.open(gdal_name(uri)) as src:
             count, descriptions, tags = src.count, src.descriptions, src.tags()
             scales, offsets = src.scales, src.offsets
     except RasterioIOError as exc:
@@ -152,7 +152,7 @@ def _stacked(uri: str, band_names: list[str] | None, default_order: list[str]) -
         raise GeoclipError(f"{uri}: {count} band(s), but {source} names {len(names)}: {', '.join(names)}")
     if len(set(names)) != len(names):
         raise GeoclipError(f"{uri}: {source} name a band twice: {names}")
-    bands = {n: BandFile(_gdal(uri), i + 1) for i, n in enumerate(names)}
+    bands = {n: BandFile(gdal_name(uri), i + 1) for i, n in enumerate(names)}
     # A GDAL scale/offset (reflectance = DN * scale + offset) is the file's own statement of its units.
     gain = {n: 10000 * s for n, s in zip(names, scales) if s not in (None, 1.0)}
     bias = {n: 10000 * o for n, o, s in zip(names, offsets, scales) if s not in (None, 1.0) or o}
@@ -170,7 +170,7 @@ def mask_uri(scene_uri: str) -> str:
 def _sidecar_mask(uri: str, stem: str) -> BandFile | None:
     path = mask_uri(uri)
     there = s3.exists(path) if s3.is_s3(path) else Path(path).is_file()
-    return BandFile(_gdal(path)) if there else None
+    return BandFile(gdal_name(path)) if there else None
 
 
 def _folder(uri: str) -> Product:
@@ -195,13 +195,13 @@ def _folder(uri: str) -> Product:
         res = int(m.group(2) or 0)
         if band not in bands or res < bands[band][0]:  # the finest copy of a band (L2A keeps 10, 20 and 60 m)
             bands[band] = (res, f)
-    spectral = {b: BandFile(_gdal(f)) for b, (_, f) in bands.items() if b not in (SCL_BAND, "MASK")}
+    spectral = {b: BandFile(gdal_name(f)) for b, (_, f) in bands.items() if b not in (SCL_BAND, "MASK")}
     if not spectral:
         raise GeoclipError(f"{uri}: no per-band files (expected names ending _B02.tif, _B8A.jp2 ...)")
     mask = bands.get(SCL_BAND) or bands.get("MASK")
     stem = PurePosixPath(uri.rstrip("/")).name
     return Product(uri, stem, "per-band", spectral, _level_from_name(stem),
-                   mask=BandFile(_gdal(mask[1])) if mask else None,
+                   mask=BandFile(gdal_name(mask[1])) if mask else None,
                    mask_kind=("scl" if SCL_BAND in bands else "binary") if mask else "",
                    files=tuple(f for _, f in sorted(bands.values(), key=lambda rf: rf[1])))
 
@@ -231,12 +231,12 @@ def _safe(mtd_uri: str) -> Product:
     offsets = {MTD_BAND_IDS[int(n.get("band_id", -1))]: float(n.text or 0)
                for n in list(root.iter("BOA_ADD_OFFSET")) + list(root.iter("RADIO_ADD_OFFSET"))
                if 0 <= int(n.get("band_id", -1)) < len(MTD_BAND_IDS)}
-    spectral = {b: BandFile(_gdal(f)) for b, (_, f) in bands.items() if b != SCL_BAND}
+    spectral = {b: BandFile(gdal_name(f)) for b, (_, f) in bands.items() if b != SCL_BAND}
     gain = {b: 10000 / quant for b in spectral} if quant != 10000 else {}
     bias = {b: offsets[b] * 10000 / quant for b in spectral if offsets.get(b)}
     scl = bands.get(SCL_BAND)
     stem = PurePosixPath(folder).name.removesuffix(".SAFE")
-    return Product(mtd_uri, stem, "safe", spectral, level, gain, bias, BandFile(_gdal(scl[1])) if scl else None,
+    return Product(mtd_uri, stem, "safe", spectral, level, gain, bias, BandFile(gdal_name(scl[1])) if scl else None,
                    "scl" if scl else "", (mtd_uri,) + tuple(sorted(f for _, f in bands.values())))
 
 
@@ -269,12 +269,12 @@ def _stac(uri: str) -> Product:
         if band != SCL_BAND and raster.get("scale") not in (None, 1, 1.0):
             gain[band] = 10000 * float(raster["scale"])
             bias[band] = 10000 * float(raster.get("offset") or 0)
-    spectral = {b: BandFile(_gdal(h)) for b, h in bands.items() if b != SCL_BAND}
+    spectral = {b: BandFile(gdal_name(h)) for b, h in bands.items() if b != SCL_BAND}
     if not spectral:
         raise GeoclipError(f"{uri}: no asset is a Sentinel-2 band (expected keys or eo:bands such as B02 or blue)")
     scl = bands.get(SCL_BAND)
     return Product(uri, str(item.get("id") or PurePosixPath(uri).stem), "stac", spectral, level, gain, bias,
-                   BandFile(_gdal(scl)) if scl else None, "scl" if scl else "",
+                   BandFile(gdal_name(scl)) if scl else None, "scl" if scl else "",
                    (uri,) + tuple(sorted(bands.values())))
 
 

@@ -6,40 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import rasterio
-from rasterio.errors import RasterioIOError
 from tqdm import tqdm
 
 from geoclip.bands import ALL_BAND_NAMES
+from geoclip.data.product_reader import ReadOptions, read_tile
 from geoclip.data.tiles import discover_tiles
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_path
 
 
-def _read_checked(path: str, bands: list[int], shape: tuple[int, ...]) -> np.ndarray:
-    """Read one tile's ``bands`` after its header says it has them at the model's ``shape``: memory stays bounded.
-
-    A whole scene dropped among the tiles (13 x 10980 x 10980 is 3.1 GB of pixels) is refused from its header.
-    """
-    try:
-        with rasterio.open(path) as src:
-            if src.count < len(bands):
-                raise GeoclipError(f"{path}: has {src.count} bands, expected at least {len(bands)}")
-            found = (len(bands), src.height, src.width)
-            if found != shape:
-                larger = src.height * src.width > shape[1] * shape[2]
-                hint = " (a whole scene? score it with `geoclip score`)" if larger else ""
-                raise GeoclipError(f"{path}: tile shape {found}, the model expects {shape}{hint}")
-            return src.read([b + 1 for b in bands])
-    except RasterioIOError as exc:
-        raise GeoclipError(f"{path}: cannot be read as a raster ({str(exc).splitlines()[0]})") from exc
-
-
-def read_tiles(paths: list[str], bands: list[int], shape: tuple[int, ...]) -> np.ndarray:
-    """Read tiles into one ``(N, bands, H, W)`` uint16 array, checking each tile's header before its pixels."""
-    out = np.empty((len(paths), *shape), np.uint16)
+def read_tiles(paths: list[str], band_names: list[str], size: int, read: ReadOptions | None = None) -> np.ndarray:
+    """Read tiles of any input form (stacked in any band order, per-band folders, SAFE, STAC; see
+    geoclip.data.product_reader.read_tile) into one ``(N, bands, size, size)`` uint16 array in ``band_names``
+    order, each tile's header checked before its pixels: memory stays bounded."""
+    out = np.empty((len(paths), len(band_names), size, size), np.uint16)
     for i, path in enumerate(paths):
-        out[i] = _read_checked(path, bands, shape)
+        out[i] = read_tile(path, band_names, size, read)
     return out
 
 
@@ -52,10 +34,11 @@ def check_class_columns(probs: np.ndarray, names: list[str], model_uri: str) -> 
 
 
 def predict_tiles(source: str | Path, model_uri: str, out_csv: str | Path, batch_size: int = 256,
-                  classes: dict[str, list[str]] | None = None) -> pd.DataFrame:
+                  classes: dict[str, list[str]] | None = None, read: ReadOptions | None = None) -> pd.DataFrame:
     """Predict every tile of a folder or manifest; write ``path, predicted, prob_<Class>... [, class]`` as CSV.
 
-    ``classes``: another class list as the served model's params (:func:`geoclip.model.vocab.served_params`).
+    ``classes``: another class list as the served model's params (:func:`geoclip.model.vocab.served_params`);
+    ``read``: how to read tiles whose metadata does not say everything (the ``score`` params).
     """
     from geoclip.registry.models import load_served_model
     from geoclip.registry.pyfunc import model_metadata
@@ -64,13 +47,13 @@ def predict_tiles(source: str | Path, model_uri: str, out_csv: str | Path, batch
     model = load_served_model(model_uri)
     meta = model_metadata(model)
     names = list(classes["classes"]) if classes else list(meta["class_names"])
-    # Files come in the model's input band order (its training data's); the model picks its bands itself.
-    bands = list(range(len(meta.get("input_band_names", ALL_BAND_NAMES))))
+    # Tiles are read in the model's input band order (its training data's); the model picks its bands itself.
+    bands = list(meta.get("input_band_names", ALL_BAND_NAMES))
     size = int(meta.get("tile_size", 64))
     paths = tiles["path"].tolist()
     probs = []
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch"):
-        batch = read_tiles(paths[start:start + batch_size], bands, (len(bands), size, size))
+        batch = read_tiles(paths[start:start + batch_size], bands, size, read)
         out = np.asarray(model.predict(batch, params={"batch_size": batch_size, **(classes or {})})["probabilities"])
         probs.append(check_class_columns(out, names, model_uri))
     p = np.concatenate(probs)

@@ -103,12 +103,12 @@ def index_tiles(source: str | Path, model, batch_size: int = 256) -> Index:
     paths = [str(p) for p in discover_tiles(source)["path"]]
     if not paths:
         raise GeoclipError(f"{source}: no tiles to search")
-    n_in, size = len(model.cfg.input_band_names), model.cfg.tile_size
+    size = model.cfg.tile_size
     idx = band_indices(model.cfg.band_names, tuple(model.cfg.input_band_names))
     rows, embeddings = [], []
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
-        images = read_tiles(batch, list(range(n_in)), (n_in, size, size))  # a bad tile fails here, in one line
+        images = read_tiles(batch, list(model.cfg.input_band_names), size)  # a bad tile fails here, in one line
         embeddings.append(predict_batches(model, images, batch_size, band_idx=idx)[1].astype(np.float16))
         for path in batch:
             with rasterio.open(path) as src:

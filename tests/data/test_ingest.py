@@ -155,19 +155,38 @@ def test_not_a_tiff_is_named_by_its_source_path(tmp_path):
     assert str(err.value).startswith(f"{bad}: cannot be read as a raster") and ".tmp" not in str(err.value)
 
 
-def test_band_names_in_the_wrong_order(tmp_path):
-    wrong = list(reversed(ALL_BAND_NAMES))
-    bad = tile(tmp_path / "src" / "River" / "River_1.tif", descriptions=wrong)
+def test_tiles_in_another_band_order_or_form_are_stacked_in_ingest_band_order(tmp_path):
+    from s2_products import per_band_folder
+
+    ordered = np.stack([np.full((8, 8), 100 + i, "uint16") for i in range(13)])
+    make_tile(tmp_path / "src" / "River_1.tif", ordered[::-1].copy(), descriptions=list(reversed(ALL_BAND_NAMES)))
+    make_tile(tmp_path / "src" / "Forest_1.tif", ordered, descriptions=list(ALL_BAND_NAMES))
+    patch = per_band_folder(tmp_path / "src" / "S2A_MSIL2A_patch", size_10m=60)
+    pd.DataFrame({"path": ["River_1.tif", "Forest_1.tif", "S2A_MSIL2A_patch"],
+                  "class": ["River", "Forest", "SeaLake"]}).to_csv(tmp_path / "src" / "m.csv", index=False)
+    params = params_for(tmp_path, tmp_path / "src" / "m.csv")
+    with pytest.raises(GeoclipError, match=r"S2A_MSIL2A_patch: no band B10 in this L2A per-band input"):
+        ingest(params)  # an L2A patch has no B10, which ingest.band_names lists
+    (patch / "S2A_MSIL2A_patch_B10.tif").write_bytes((patch / "S2A_MSIL2A_patch_B09.tif").read_bytes())
+    ingest(params)
+    raw = Path(params.paths.raw)
+    for tile_id in ("River_1", "Forest_1"):
+        with rasterio.open(raw / "tiles" / tile_id.split("_")[0] / f"{tile_id}.tif") as src:
+            np.testing.assert_array_equal(src.read(), ordered)  # reversed on disk, stored in ingest.band_names order
+            assert list(src.descriptions) == list(ALL_BAND_NAMES)
+    with rasterio.open(raw / "tiles" / "SeaLake" / "S2A_MSIL2A_patch.tif") as src:
+        assert src.shape == (60, 60) and list(src.descriptions) == list(ALL_BAND_NAMES)
+        assert src.read(2)[0, 0] == 1100 and src.read(5)[0, 0] == 1400  # B02 (10 m) and B05 (20 m, resampled)
+
+
+def test_a_tile_lacking_a_band_of_ingest_band_names_is_refused_naming_it(tmp_path):
+    bad = make_tile(tmp_path / "src" / "River" / "River_1.tif", bands=12, descriptions=list(ALL_BAND_NAMES[:12]))
     tile(tmp_path / "src" / "Forest" / "Forest_1.tif", descriptions=ALL_BAND_NAMES)
     with pytest.raises(GeoclipError) as err:
         ingest(params_for(tmp_path, tmp_path / "src"))
     msg = str(err.value)
-    assert msg.startswith(f"{bad}: band names {wrong} do not match ingest.band_names {list(ALL_BAND_NAMES)}")
-    assert "\n" not in msg
-    params = params_from_dict({"classes": {"names": CLASSES}, "paths": {"raw": str(tmp_path / "raw")},
-                               "ingest": {"source": str(tmp_path / "src"), "band_names": wrong}})
-    with pytest.raises(GeoclipError, match="Forest_1.tif: band names"):
-        ingest(params)  # now the Forest tile is the odd one out
+    assert msg.startswith(f"{bad}: no band B8A in this stacked input") and "ingest.band_names" in msg
+    assert "\n" not in msg and not (tmp_path / "data" / "raw").exists()
 
 
 def test_failure_leaves_existing_raw_untouched(tmp_path):

@@ -114,3 +114,20 @@ def test_bad_class_lists_exit_2_with_one_line(tmp_path, model_uri, capsys, args,
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_tiles_in_another_band_order_or_per_band_files_predict_as_their_stacked_selves(tmp_path, model_uri):
+    from geoclip.bands import ALL_BAND_NAMES, canonical_band
+
+    tiles = synthetic_tiles(2, seed=5)
+    write_tiles(tmp_path / "stacked", tiles)
+    archive_order = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
+    index = [ALL_BAND_NAMES.index(canonical_band(b)) for b in archive_order]
+    make_tile(tmp_path / "other" / "tile_0.tif", tiles[0][index], descriptions=archive_order)  # B8A after B8
+    folder = tmp_path / "other" / "tile_1"  # one file per band, all at 10 m
+    for i, band in enumerate(ALL_BAND_NAMES):
+        make_tile(folder / f"tile_1_{band}.tif", tiles[1][i:i + 1])
+    pd.DataFrame({"path": ["tile_0.tif", "tile_1"]}).to_csv(tmp_path / "other" / "m.csv", index=False)
+    stacked = predict_tiles(tmp_path / "stacked", model_uri, tmp_path / "a.csv")
+    other = predict_tiles(tmp_path / "other" / "m.csv", model_uri, tmp_path / "b.csv")
+    np.testing.assert_allclose(other[PROB_COLUMNS].to_numpy(), stacked[PROB_COLUMNS].to_numpy(), atol=1e-6)

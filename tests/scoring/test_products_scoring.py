@@ -86,3 +86,26 @@ def test_a_bad_product_fails_the_scenes_suite_with_its_reason(tmp_path):
     per_band_folder(root / "bad", bands=("B02", "B03", "B04", "B08"))
     with pytest.raises(GeoclipError, match=r"scene validation failed: .*bad.*no band B01, B05"):
         check_scenes(params(tmp_path), list_scenes(root), ALL_BAND_NAMES)
+
+
+def test_the_cli_scores_a_bigearthnet_like_folder_with_a_real_pyfunc(tmp_path, capsys):
+    """`geoclip score --scenes patches/` end to end: the scenes suite, a real (tiny) pyfunc, the ledger, outputs."""
+    import yaml
+    from factories import make_model_dir, synthetic_tiles
+
+    from geoclip.cli import main
+    from geoclip.registry.pyfunc import save_pyfunc
+
+    model = save_pyfunc(make_model_dir(tmp_path / "model"), synthetic_tiles(2), tmp_path / "pyfunc")
+    per_band_folder(tmp_path / "patches" / "S2A_MSIL2A_20170613T101031_87_48", size_10m=120)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "score": {"band_fill": {"B10": 12}, "window": 64, "stride": 32},
+        "paths": {"reports": str(tmp_path / "reports")}}))
+    args = ["--params", str(tmp_path / "params.yaml"), "score", "--model", str(model),
+            "--scenes", str(tmp_path / "patches"), "--out", str(tmp_path / "out")]
+    main(args)
+    summary = json.loads((tmp_path / "out" / "S2A_MSIL2A_20170613T101031_87_48_summary.json").read_text())
+    assert summary["input"]["form"] == "per-band" and summary["valid_pixels"] == 120 * 120
+    assert summary["width"] == summary["height"] == 120 and summary["area_km2"] == pytest.approx(1.44)
+    main(args)  # again: the same content is skipped by the ledger
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_skipped"] == 1
