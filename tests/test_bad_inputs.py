@@ -150,6 +150,24 @@ def _rgb_scene(root: Path) -> dict:
     return {"model": str(tiny_pyfunc())}
 
 
+def _l2a_patch(root: Path) -> dict:
+    from s2_products import per_band_folder
+
+    per_band_folder(root / "scenes" / "S2A_MSIL2A_patch", size_10m=120)  # L2A: no B10
+    write_params(root)
+    return {"model": str(tiny_pyfunc())}
+
+
+def _safe_with_a_short_band(root: Path) -> dict:
+    from s2_products import safe_product, write_band
+
+    safe = safe_product(root / "scenes")
+    b05 = next(safe.rglob("*_B05_20m.jp2"))
+    write_band(b05, "B05", driver="JP2OpenJPEG", size_10m=96)  # 960 m of B05 in a 1920 m product
+    write_params(root, score={"band_fill": {"B10": 12}})
+    return {"model": str(tiny_pyfunc()), "safe": safe.name}
+
+
 def _rgb_scene_on_s3(root: Path) -> dict:
     import boto3
     from factories import write_scene
@@ -311,6 +329,16 @@ CASES: dict[str, Case] = {
         ("scenes.readable (expected a scene readable in the model's bands) failed for s3://{bucket}/scenes/rgb.tif",
          "(got 3 band(s), but the model's input order"),
         absent=("outputs/scores",), fixtures=("s3_server",)),
+    "l2a_patch_to_a_b10_model": Case(
+        _l2a_patch, ("score", "--model", "{model}", "--scenes", "{root}/scenes", "--out", "{root}/outputs/scores"),
+        ("{root}/scenes/S2A_MSIL2A_patch (got no band B10 in this L2A per-band input",
+         "score.band_fill (e.g. {{B10: 12}})"),
+        absent=("outputs/scores",)),
+    "safe_bands_of_different_extents": Case(
+        _safe_with_a_short_band, ("score", "--model", "{model}", "--scenes", "{root}/scenes",
+                                  "--out", "{root}/outputs/scores"),
+        ("{root}/scenes/{safe} (got band B05 covers", "expected bands of one extent"),
+        absent=("outputs/scores",)),
     "ingest_missing_s3_bucket": Case(
         _ingest_from("s3://no-such-bucket-geoclip/eurosat/"), ("ingest",),
         ("s3://no-such-bucket-geoclip/eurosat/", "bucket 'no-such-bucket-geoclip' does not exist"),
