@@ -1,9 +1,10 @@
 """Scenes, real: score the BigEarthNet-S2 example patches and check each patch's dominant predicted class against
 its CORINE labels mapped to the EuroSAT classes (docs/bigearthnet.md has the mapping and the caveats).
 
-Each patch (12 band files, L2A) is stacked by hand into one 13-band GeoTIFF at 10 m (geoclip.data.bigearthnet:
-20/60 m bands upsampled bilinearly, B10 filled with the model's B10 training mean), passes the scenes suite, and is
-scored by geoclip.scoring.score.score_scene, the function ``geoclip score`` runs, with params.yaml's ``score``
+Each patch folder (12 band files, L2A) is read as ``geoclip score`` reads per-band products (geoclip.data.
+product_reader: 20/60 m bands upsampled bilinearly to 10 m, B10 filled with the model's B10 training mean), passes
+the scenes suite, and is scored by geoclip.scoring.score.score_scene, the function ``geoclip score`` runs, with
+params.yaml's ``score``
 section (window, stride, batch size, nodata, TTA). From the class map: the dominant class (most pixels) and the
 class shares. "agrees": the dominant class is among the patch's mapped classes; "any >= 20%": some class with at
 least 20% of the pixels is. Patches with no mappable label are left out of both counts, and counted. The summary
@@ -36,7 +37,6 @@ from geoclip.data.bigearthnet import (
     mapped_labels,
     read_labels,
     read_patch,
-    write_stacked_scene,
 )
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
@@ -89,19 +89,22 @@ def snow_share(folder: str | Path) -> float:
 
 
 def score_patch(folder: str | Path, scorer: Scorer, work: str | Path, params: Params) -> dict:
-    """Stack, check and score one patch; its CORINE labels, mapped classes, dominant class, shares and agreement."""
+    """Check and score one patch folder as `geoclip score` reads per-band products (B10 filled); its CORINE
+    labels, mapped classes, dominant class, shares and agreement."""
+    from dataclasses import replace
+
     import rasterio
 
-    from geoclip.scoring.score import NODATA_CLASS, check_scenes, score_scene
+    from geoclip.scoring.score import NODATA_CLASS, check_scenes, read_options, score_scene
 
-    folder, cfg = Path(folder), params.score
-    out = Path(work) / folder.name
-    scene = write_stacked_scene(folder, out / f"{folder.name}.tif", scorer.b10_fill, scorer.input_band_names)
+    folder = Path(folder)
+    params = replace(params, score=replace(params.score, band_fill={MISSING_BAND: scorer.b10_fill}))
+    cfg, out, scene = params.score, Path(work) / folder.name, str(folder)
     check_scenes(params, [scene], scorer.input_band_names)  # the scenes suite, as score_one runs it
     summary = score_scene(scorer.predict_fn, scene, out / "scored", scorer.class_names, window=cfg.window,
                           stride=cfg.stride, batch_size=cfg.batch_size, nodata=cfg.nodata,
                           bands=scorer.input_band_names, model_uri=scorer.model_dir, scene_name=folder.name,
-                          quicklook=cfg.quicklook)
+                          quicklook=cfg.quicklook, read=read_options(cfg), full_resolution=cfg.full_resolution)
     with rasterio.open(summary["classmap"]) as src:
         classes = src.read(1)
     counts = np.bincount(classes[classes != NODATA_CLASS], minlength=len(scorer.class_names))
