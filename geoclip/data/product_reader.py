@@ -144,23 +144,30 @@ class ProductReader:
         by_file: dict[str, list[str]] = {}
         for b in read:
             by_file.setdefault(product.bands[b].path, []).append(b)
-        self._sources = [(_Source(path, [product.bands[b].index for b in bands], heads[bands[0]], ref,
-                                  Resampling.bilinear), [read.index(b) for b in bands])
-                         for path, bands in by_file.items()]
+        self._sources: list[tuple[_Source, list[int]]] = []
         self.mask_kind, self._mask = "", None
-        if product.mask is not None and opts.mask == "auto":
-            mh = _header(product, "mask", product.mask)
-            _same_grid(product, (finest, ref), (product.mask.path, mh), "mask")
-            self.mask_kind = product.mask_kind
-            self._mask = _Source(product.mask.path, [product.mask.index], mh, ref, Resampling.nearest)
-        self.read_bands = read
-        self.name, self.height, self.width = product.stem, ref.height, ref.width
-        self.crs, self.transform, self.count = ref.crs, ref.transform, len(self.model_bands)
-        self.dtypes = ("uint16",) * self.count
-        self.descriptions = tuple(self.model_bands)
-        self.block_shapes = [self._sources[0][0].ds.block_shapes[0]] * self.count  # the finest file's first
-        self.resolution = abs(ref.transform.a)
-        self._check_plausible()
+        try:
+            for path, bands in by_file.items():
+                source = _Source(path, [product.bands[b].index for b in bands], heads[bands[0]], ref,
+                                 Resampling.bilinear)
+                self._sources.append((source, [read.index(b) for b in bands]))
+                if finest in bands:  # strips are sized on the finest file's blocks
+                    self.block_shapes = [source.ds.block_shapes[0]] * len(self.model_bands)
+            if product.mask is not None and opts.mask == "auto":
+                mh = _header(product, "mask", product.mask)
+                _same_grid(product, (finest, ref), (product.mask.path, mh), "mask")
+                self.mask_kind = product.mask_kind
+                self._mask = _Source(product.mask.path, [product.mask.index], mh, ref, Resampling.nearest)
+            self.read_bands = read
+            self.name, self.height, self.width = product.stem, ref.height, ref.width
+            self.crs, self.transform, self.count = ref.crs, ref.transform, len(self.model_bands)
+            self.dtypes = ("uint16",) * self.count
+            self.descriptions = tuple(self.model_bands)
+            self.resolution = abs(ref.transform.a)
+            self._check_plausible()
+        except BaseException:
+            self.close()  # a refused product leaves no file open
+            raise
 
     def _units(self, read: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per read band: DN = value x gain + bias (the declaration wins over the product's metadata)."""

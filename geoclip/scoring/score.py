@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -123,6 +124,8 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
     with scene_env(scene, truth), _open_scene(scene, bands, window, read) as src:
         row_area = row_areas_m2(src, scene)  # fail before the long part
         warnings_ = level_warnings(src, model_level, level_mismatch)
+        for text in warnings_:
+            print(f"warning: {text}", file=sys.stderr)
         out_dir.mkdir(parents=True, exist_ok=True)
         outs = {"classmap": out_dir / f"{stem}_classmap.tif"}
         if probabilities:

@@ -30,7 +30,7 @@ def params(tmp_path, **score):
                              "paths": {"reports": str(tmp_path / "reports")}})
 
 
-def test_an_l2a_safe_is_scored_with_its_cloud_mask_and_a_level_warning(tmp_path):
+def test_an_l2a_safe_is_scored_with_its_cloud_mask_and_a_level_warning(tmp_path, capsys):
     scl = np.full((96, 96), 4, np.uint8)
     scl[:32, :32] = 8  # a cloud over the top-left 320 m
     safe = safe_product(tmp_path / "in", scl=scl)
@@ -47,6 +47,7 @@ def test_an_l2a_safe_is_scored_with_its_cloud_mask_and_a_level_warning(tmp_path)
     assert summary["input"]["bands"]["B10"] == "fill 12" and summary["input"]["dn_offset"] == [-1000.0]
     (warning,) = summary["warnings"]
     assert "processing level L2A, but the model was trained on L1C" in warning
+    assert f"warning: {warning}" in capsys.readouterr().err  # said where the run is watched, too
     assert json.loads((tmp_path / "out" / f"{stem}_summary.json").read_text())["warnings"] == [warning]
     assert (tmp_path / "out" / f"{stem}_quicklook.png").read_bytes()[:4] == b"\x89PNG"
 
