@@ -24,7 +24,7 @@ from geoclip.bands import ALL_BAND_NAMES, canonical_band
 from geoclip.config import Params, ScoreConfig
 from geoclip.data import s3
 from geoclip.data.product_reader import ProductReader, ReadOptions, open_product
-from geoclip.data.products import discover_inputs, input_stem
+from geoclip.data.products import discover_inputs, input_files, input_stem
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
 
@@ -60,6 +60,17 @@ def row_areas_m2(src, scene: Path | str) -> np.ndarray:
     tops = t.f + t.e * np.arange(src.height + 1)
     return np.array([abs(geod.polygon_area_perimeter([x0, x1, x1, x0], [a, a, b, b])[0])
                      for a, b in itertools.pairwise(tops)])
+
+
+def asset_uris(scene: str | Path) -> list[str]:
+    """The asset hrefs of a local STAC item (they may be on S3 though the item is not: GDAL needs S3 settings)."""
+    scene = str(scene)
+    if s3.is_s3(scene) or not scene.lower().endswith(".json"):
+        return []
+    try:
+        return input_files(scene)
+    except GeoclipError:
+        return []  # reading it will say what is wrong
 
 
 def read_options(cfg: ScoreConfig) -> ReadOptions:
@@ -121,7 +132,7 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
         raise GeoclipError(f"class_names: {len(class_names)} classes; a uint8 class map holds 2 to {NODATA_CLASS - 1}")
     truth = _find_truth(scene, truth)
     started = time.perf_counter()
-    with scene_env(scene, truth), _open_scene(scene, bands, window, read) as src:
+    with scene_env(scene, truth, *asset_uris(scene)), _open_scene(scene, bands, window, read) as src:
         row_area = row_areas_m2(src, scene)  # fail before the long part
         warnings_ = level_warnings(src, model_level, level_mismatch)
         for text in warnings_:
@@ -240,7 +251,7 @@ def check_scenes(params: Params, scenes: list[str | Path], bands: Sequence[str],
 
     read = read_options(params.score)
     reports = Path(params.paths.reports) if report else None
-    with scene_env(*scenes):
+    with scene_env(*scenes, *(a for s in scenes for a in asset_uris(s))):
         validate_scenes([str(s) for s in scenes], len(bands), params.score.window, reports,
                         names=names or [str(s) for s in scenes], dtype=SCENE_DTYPE,
                         opener=lambda uri: open_product(uri, bands, read))

@@ -110,3 +110,30 @@ def test_the_cli_scores_a_bigearthnet_like_folder_with_a_real_pyfunc(tmp_path, c
     assert summary["width"] == summary["height"] == 120 and summary["area_km2"] == pytest.approx(1.44)
     main(args)  # again: the same content is skipped by the ledger
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_skipped"] == 1
+
+
+def test_a_local_stac_item_with_assets_on_s3_is_scored_through_vsis3(tmp_path, s3_server):
+    import uuid
+
+    import boto3
+
+    from geoclip.scoring.score import score_scene
+    from test_score import fake_predict
+
+    bucket = f"assets-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    staged = stac_item(tmp_path / "staged")
+    item = json.loads(staged.read_text())
+    for asset in item["assets"].values():
+        if asset["href"].endswith(".tif"):
+            s3.upload_file(str(staged.parent / asset["href"]), bucket, f"cogs/{asset['href']}")
+            asset["href"] = f"s3://{bucket}/cogs/{asset['href']}"
+    local = tmp_path / "items" / "item.json"
+    local.parent.mkdir()
+    local.write_text(json.dumps(item))
+    l2a_bands = [b for b in ALL_BAND_NAMES if b != "B10"]  # a model trained on the bands L2A has
+    summary = score_scene(fake_predict, local, tmp_path / "out", list(EUROSAT_CLASSES), quicklook=False,
+                          bands=l2a_bands)
+    assert summary["input"]["form"] == "stac" and summary["input"]["bands"]["B02"].startswith(f"/vsis3/{bucket}/")
+    assert summary["valid_pixels"] == SIZE_10M * SIZE_10M
