@@ -116,9 +116,9 @@ def test_a_local_stac_item_with_assets_on_s3_is_scored_through_vsis3(tmp_path, s
     import uuid
 
     import boto3
+    from test_score import fake_predict
 
     from geoclip.scoring.score import score_scene
-    from test_score import fake_predict
 
     bucket = f"assets-{uuid.uuid4().hex[:8]}"
     s3 = boto3.client("s3")
