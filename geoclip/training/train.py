@@ -263,6 +263,10 @@ def _val_top1(run: _Run) -> float:
     return float((pred == run.val_y).mean())
 
 
+#: history.json keys logged to MLflow under another name.
+EPOCH_METRICS = {"val_top1": "epoch_val_top1"}
+
+
 def _end_epoch(run: _Run, prog: _Progress, next_shuffle: torch.Tensor) -> bool:
     """Validate and log on rank 0, track the best weights; return whether to stop early (same on all ranks)."""
     patience, stop = run.params.train.patience, False
@@ -273,7 +277,9 @@ def _end_epoch(run: _Run, prog: _Progress, next_shuffle: torch.Tensor) -> bool:
         if run.params.train.loss == "siglip":
             row["logit_bias"] = float(run.model.logit_bias.detach())
         prog.history.append(row)
-        run.log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=prog.epoch)
+        # In MLflow "val_top1" is evaluation's (the promotion gate's, with test-time augmentation), logged to this
+        # run later: the per-epoch figure gets a name of its own. One name, one meaning.
+        run.log.log_metrics({EPOCH_METRICS.get(k, k): v for k, v in row.items() if k != "epoch"}, step=prog.epoch)
         tqdm.write(json.dumps(row))
         if top1 > prog.best:  # keep the best-validation weights, not the last ones
             prog.best, prog.best_epoch, prog.bad_epochs = top1, prog.epoch, 0

@@ -73,8 +73,9 @@ def test_train_logs_params_metrics_tags_and_artifacts(trained):
     assert run.data.tags["data_version"] == data_version(params.paths.prepared)  # DVC's hash of the packs
     assert run.data.tags["data_version"].endswith(".dir") and "data_hash" not in run.data.tags
     assert run.data.tags["git_revision"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2]
-    assert {"train_loss", "val_top1", "temperature", "lr"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch_val_top1")] == [1, 2]
+    assert {"train_loss", "epoch_val_top1", "temperature", "lr"} <= set(run.data.metrics)
+    assert "val_top1" not in run.data.metrics  # evaluation's alone: one name, one meaning
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"history.json", "training_curve.png", "model"} <= names
 
@@ -168,7 +169,7 @@ def test_launch_through_torchrun_single_process(tmp_path):
     launch_training(_write_params(tmp_path, epochs=1))
     info = json.loads((tmp_path / "model" / "run.json").read_text())
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(info["run_id"])
-    assert run.data.tags["world_size"] == "1" and "val_top1" in run.data.metrics
+    assert run.data.tags["world_size"] == "1" and "epoch_val_top1" in run.data.metrics
 
 
 @pytest.mark.slow
@@ -477,7 +478,7 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_weights(tiny_run, tmp_path
     assert len(runs) == 1 and runs[0].info.run_id == ck["run_id"] and runs[0].info.status == "FINISHED"
     assert json.loads((tmp_path / "model" / "run.json").read_text())["run_id"] == ck["run_id"]
     assert runs[0].data.metrics["resumed_from_step"] == prog["step"]
-    assert {m.step for m in client.get_metric_history(ck["run_id"], "val_top1")} == {1, 2, 3}
+    assert {m.step for m in client.get_metric_history(ck["run_id"], "epoch_val_top1")} == {1, 2, 3}
 
 
 def test_fine_tuned_sentence_encoder_gets_a_hundredth_of_the_learning_rate(tmp_path):
