@@ -63,15 +63,52 @@ def flat_params(params: Params) -> dict[str, str]:
     return out
 
 
+def pipeline_outputs(dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """What ``dvc repro`` itself writes: ``dvc.lock`` and every stage's outs, metrics and plots (paths as listed)."""
+    import yaml
+
+    written = ["dvc.lock"]
+    try:
+        stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return written
+    for stage in stages.values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key) or []:
+                written.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return written
+
+
+def git_changes() -> list[str]:
+    """Tracked files that differ from the commit, less what the pipeline writes itself (so a run under
+    ``dvc repro``, which rewrites dvc.lock before training, still traces to a clean commit)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             check=True).stdout
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    written = [w.rstrip("/") for w in pipeline_outputs(Path(top) / "dvc.yaml")]  # porcelain paths: from the top
+    changed = [line[3:].split(" -> ")[-1].strip('"') for line in out.splitlines() if line.strip()]
+    return [f for f in changed if not any(f == w or f.startswith(w + "/") for w in written)]
+
+
 def git_revision() -> str:
-    """The current git commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    """The current git commit (with ``-dirty`` when files other than the pipeline's own outputs differ from it),
+    or ``unknown``."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return rev + ("-dirty" if git_changes() else "")
+
+
+def git_tags() -> dict[str, str]:
+    """``git_revision`` and ``git_changes`` (the differing files, ``none``, or the first 20 and a count)."""
+    changes = git_changes()
+    shown = ", ".join(changes[:20]) + (f" (+{len(changes) - 20} more)" if len(changes) > 20 else "")
+    return {"git_revision": git_revision(), "git_changes": shown or "none"}
 
 
 def write_run_info(params: Params, run_id: str, experiment_id: str) -> Path:
@@ -158,7 +195,7 @@ def training_run_opener(params: Params, checkpoint: Path):
         with run:  # ends the run, FAILED when training raises
             if not resumed_run_id:  # params were logged when the run began; MLflow refuses to change them
                 mlflow.log_params(flat_params(params))
-            mlflow.set_tags({"git_revision": git_revision(), "image_encoder": params.train.image_encoder,
+            mlflow.set_tags({**git_tags(), "image_encoder": params.train.image_encoder,
                              "data_version": data_ver, "world_size": os.environ.get("WORLD_SIZE", "1"),
                              "holdout_class": params.train.holdout_class or "none"})
             yield MlflowRunLog(run.info.run_id)

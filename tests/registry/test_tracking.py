@@ -47,3 +47,33 @@ def test_an_unreachable_tracking_server_is_named_with_what_to_set(monkeypatch):
             configure(params)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_run_under_dvc_repro_traces_to_a_clean_commit_and_names_real_changes(tmp_path, monkeypatch):
+    """dvc repro rewrites dvc.lock (and metrics) before training: that is not a change to the code or params."""
+    import subprocess
+
+    from geoclip.registry.tracking import git_changes, git_revision, git_tags
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  evaluate:\n    cmd: x\n    metrics:\n      - eval/metrics.json:\n"
+                                       "          cache: false\n    outs:\n      - models\n")
+    (tmp_path / "eval").mkdir()
+    for name in ("dvc.lock", "params.yaml", "eval/metrics.json"):
+        (tmp_path / name).write_text("a\n")
+    git("add", "-A")
+    git("commit", "-qm", "one")
+    commit = git("rev-parse", "HEAD")
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path / "src")  # any folder of the checkout
+    for name in ("dvc.lock", "eval/metrics.json"):
+        (tmp_path / name).write_text("rewritten by the pipeline\n")
+    assert git_revision() == commit and git_changes() == [] and git_tags()["git_changes"] == "none"
+    (tmp_path / "params.yaml").write_text("edited by hand\n")
+    assert git_revision() == commit + "-dirty" and git_tags() == {"git_revision": commit + "-dirty",
+                                                                 "git_changes": "params.yaml"}
