@@ -105,9 +105,25 @@ def main(argv: list[str] | None = None) -> None:
         print(f"deployment {deploy(args.params, args.deploy)}: geoclip-scoring/scheduled-scoring on pool "
               f"{args.deploy!r}, cron {params.score.cron!r} (UTC)")
         return
-    # pause_on_shutdown=False: restarting the server process must not silently pause the schedule.
-    scoring_flow.serve(name="scheduled-scoring", cron=params.score.cron, parameters={"params_path": args.params},
+    from prefect.settings import PREFECT_API_URL
+
+    require_server(PREFECT_API_URL.value())
+    # pause_on_shutdown=False: restarting the server process must not silently pause the schedule. A name of its
+    # own: serving must never replace the `prefect deploy` deployment (scheduled-scoring, on a work pool).
+    scoring_flow.serve(name=SERVED_NAME, cron=params.score.cron, parameters={"params_path": args.params},
                        pause_on_shutdown=False)
+
+
+#: The deployment `python -m flows.scoring` serves (prefect.yaml's is scheduled-scoring).
+SERVED_NAME = "served-scoring"
+
+
+def require_server(api_url: str | None) -> None:
+    """Refuse to serve on Prefect's ephemeral server: it runs no scheduler, so no run would ever be created."""
+    if not api_url:
+        raise SystemExit("python -m flows.scoring: PREFECT_API_URL is not set; a schedule needs a Prefect server: "
+                         "start one (`make services`, or `prefect server start`) and export "
+                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
 
 
 if __name__ == "__main__":

@@ -461,3 +461,13 @@ def test_scoring_on_a_local_dask_cluster_of_worker_processes(tmp_path, mlflow_se
     assert [r["status"] for r in result["scenes"]] == ["scored", "scored"]
     summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
     assert (summary["n_scenes"], summary["n_scored"]) == (2, 2)
+
+
+def test_serving_refuses_the_ephemeral_server_and_keeps_its_own_deployment_name():
+    from flows.scoring import SERVED_NAME, require_server
+
+    with pytest.raises(SystemExit, match="PREFECT_API_URL is not set; a schedule needs a Prefect server"):
+        require_server(None)
+    require_server("http://127.0.0.1:4200/api")  # a real server: serving goes ahead
+    deployments = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())["deployments"]
+    assert SERVED_NAME not in {d["name"] for d in deployments}  # never overwrites what `prefect deploy` made
