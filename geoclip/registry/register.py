@@ -124,7 +124,11 @@ def describe(params: Params, tags: dict[str, str], metrics: dict[str, float], co
     """The version's description: what data, params and metrics made it, and the gate's decision."""
     t = params.train
     tiles = " / ".join(f"{split} {n}" for split, n in sorted(counts.items())) or "unknown (no index.csv)"
-    lines = [
+    metric = params.register.metric
+    value = tags.get(metric)
+    lines = [  # the decision first: the registry UI shows the description above the (long) tag list
+        (f"**{gate['alias']}** - {metric} **{float(value):.4g}**" if value is not None else f"**{gate['alias']}**")
+        + f"; {gate['reason']}; git {tags['git_revision'][:12]}; data {tags.get('data_version', 'unknown')[:12]}.",
         (f"Data: data_version {tags.get('data_version', 'unknown')}; tiles {tiles}; "
          f"{len(params.bands)} bands {' '.join(params.bands)}."),
         (f"Params: encoder {t.image_encoder}, loss {t.loss}, epochs {t.epochs}, batch {t.batch_size}, lr {t.lr:g}, "

@@ -124,6 +124,9 @@ def test_gate_tags_and_description_through_register(params):
                  f"epochs {params.train.epochs}", f"params_hash {params_hash(params)[:12]}",
                  "val_top1 0.6", "test_top1 0.1", "Gate: champion: no champion yet", run1]:
         assert text in v1.description, text
+    headline = v1.description.split("\n\n")[0]  # what a reviewer reads first, above the tags
+    assert headline.startswith("**champion** - val_top1 **0.6**; no champion yet")
+    assert f"git {v1.tags['git_revision'][:12]}" in headline
 
     trained(params, 0.59)  # worse: never champion
     second = register(params)
