@@ -94,9 +94,11 @@ def _list(folder: str) -> list[str]:
 
 
 def is_product_folder(files: list[str]) -> bool:
-    """True when a folder's files make one product (an MTD, or at least two per-band files) rather than scenes."""
+    """True when a folder's files make one product (an MTD, or at least two spectral per-band files) rather than
+    scenes (stacked scenes with their ``_mask.tif`` files are scenes)."""
     names = [f.rsplit("/", 1)[-1] for f in files]
-    return any(n in MTD_NAMES for n in names) or sum(bool(BAND_FILE.search(n)) for n in names) >= 2
+    bands = [m for m in map(BAND_FILE.search, names) if m and m.group(1).upper() not in ("MASK", "SCL")]
+    return any(n in MTD_NAMES for n in names) or len(bands) >= 2
 
 
 def resolve(uri: str, band_names: list[str] | None = None, level: str = "",

@@ -255,3 +255,11 @@ def test_a_scenes_folder_lists_each_input_once_whatever_its_form(tmp_path):
                             str(item)])
     patch = root / "patches" / "S2A_MSIL2A_1"
     assert discover_inputs(str(patch), [str(p) for p in sorted(patch.iterdir())]) == [str(patch)]
+
+
+def test_stacked_scenes_with_their_masks_are_scenes_not_a_product(tmp_path):
+    for stem in ("a", "b"):
+        write_archive_export(tmp_path / f"{stem}.tif")
+        (tmp_path / f"{stem}_mask.tif").write_bytes((tmp_path / f"{stem}.tif").read_bytes())
+    files = [str(p) for p in sorted(tmp_path.iterdir())]
+    assert discover_inputs(str(tmp_path), files) == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]
