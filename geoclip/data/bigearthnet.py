@@ -104,7 +104,7 @@ def read_labels(folder: str | Path) -> list[str]:
 def read_patch(folder: str | Path, b10_fill: int = B10_FILL) -> Patch:
     """Stack a patch's 12 band files to ``(13, H, W)`` uint16 at 10 m; B10, absent from L2A, is ``b10_fill``.
 
-    Read as scoring reads any per-band product (geoclip.data.product_reader: a VRT on the 10 m grid, 20 m and
+    Read as scoring reads any per-band product (geoclip.data.product_reader: on the 10 m grid, 20 m and
     60 m bands upsampled bilinearly, as EuroSAT_MS tiles show theirs). A missing band or labels file raises
     GeoclipError naming it.
     """

@@ -23,7 +23,8 @@ from geoclip.errors import GeoclipError
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
 MTD_NAMES = ("MTD_MSIL1C.xml", "MTD_MSIL2A.xml")
-#: ``<anything>_B02.tif``, ``T32TQM_..._B8A_20m.jp2``, ``..._SCL.tif``, ``..._mask.tif``: the band is the last name part.
+#: ``<anything>_B02.tif``, ``T32TQM_..._B8A_20m.jp2``, ``..._SCL.tif``, ``..._mask.tif``: the band is the name's
+#: last part.
 BAND_FILE = re.compile(r"(?:^|[_.-])(B\d{1,2}A?|SCL|MASK)(?:_(\d+)m)?\.(?:tiff?|jp2|vrt)$", re.IGNORECASE)
 MASK_SUFFIX = "_mask"  # a stacked scene's own mask file, beside it: {stem}_mask.tif, non-zero = masked
 #: The MTD's band_id order (0..12) of the radiometric offsets.
