@@ -21,23 +21,63 @@ def _shape(height: int, width: int, max_size: int = MAX_SIZE) -> tuple[int, int]
     return math.ceil(height / scale), math.ceil(width / scale)
 
 
-def true_colour(src, nodata: int = 0) -> np.ndarray | None:
-    """``(h, w, 3)`` float 0-1 true-colour view of a scene (B04, B03, B02 of the model's bands, averaged down to
-    :data:`MAX_SIZE`), stretched between each band's 2nd and 98th percentile; None without those bands."""
-    names = list(getattr(src, "model_bands", []))
-    if not all(b in names for b in RGB_BANDS):
-        return None
-    shape = _shape(src.height, src.width)
-    rgb = src.read([names.index(b) + 1 for b in RGB_BANDS], out_shape=shape, resampling=Resampling.average)
-    valid = np.any(rgb != nodata, axis=0)
-    out = np.zeros((*shape, 3))
-    if not valid.any():
+class TrueColour:
+    """A true-colour view (B04, B03, B02) averaged down to :data:`MAX_SIZE`, built from the strips scoring reads
+    anyway (a second, decimated read of a large scene would decode every block again)."""
+
+    def __init__(self, src, nodata: int = 0):
+        names = list(getattr(src, "model_bands", []))
+        self.idx = [names.index(b) for b in RGB_BANDS] if all(b in names for b in RGB_BANDS) else None
+        self.scale = max(1, math.ceil(max(src.height, src.width) / MAX_SIZE))
+        self.width, self.nodata = src.width, nodata
+        h, w = math.ceil(src.height / self.scale), math.ceil(src.width / self.scale)
+        self.sums, self.counts = np.zeros((3, h, w)), np.zeros((h, w))
+
+    def add(self, row: int, data: np.ndarray) -> None:
+        """Fold in scene rows ``row..`` (``data``: all bands, full width)."""
+        if self.idx is None:
+            return
+        s, n = self.scale, data.shape[1]
+        valid = np.any(data != self.nodata, axis=0)
+        rgb = data[self.idx].astype(np.float64) * valid
+        pad = self.sums.shape[2] * s - self.width  # whole groups of columns
+        rgb = np.pad(rgb, ((0, 0), (0, 0), (0, pad))).reshape(3, n, -1, s).sum(axis=3)
+        ok = np.pad(valid, ((0, 0), (0, pad))).reshape(n, -1, s).sum(axis=2)
+        out_rows = (row + np.arange(n)) // s
+        starts = np.flatnonzero(np.r_[True, out_rows[1:] != out_rows[:-1]])
+        self.sums[:, out_rows[starts]] += np.add.reduceat(rgb, starts, axis=1)
+        self.counts[out_rows[starts]] += np.add.reduceat(ok, starts, axis=0)
+
+    def image(self) -> np.ndarray | None:
+        """``(h, w, 3)`` float 0-1, each band stretched between its 2nd and 98th percentile; nodata white."""
+        if self.idx is None:
+            return None
+        valid = self.counts > 0
+        mean = self.sums / np.maximum(self.counts, 1)
+        out = np.ones((*self.counts.shape, 3))
+        for i in range(3):
+            if valid.any():
+                lo, hi = np.percentile(mean[i][valid], (2, 98))
+                out[..., i] = np.clip((mean[i] - lo) / max(hi - lo, 1), 0, 1)
+        out[~valid] = 1.0
         return out
-    for i in range(3):
-        lo, hi = np.percentile(rgb[i][valid], (2, 98))
-        out[..., i] = np.clip((rgb[i] - lo) / max(hi - lo, 1), 0, 1)
-    out[~valid] = 1.0  # nodata white, as the class map's transparent pixels over a white page
-    return out
+
+
+class Tapped:
+    """A scene being scored, whose every strip read also goes to ``sink(row, data)``."""
+
+    def __init__(self, src, sink):
+        self._src, self._sink = src, sink
+
+    def read(self, *args, **kwargs) -> np.ndarray:
+        data = self._src.read(*args, **kwargs)
+        window = kwargs.get("window")
+        if window is not None and data.ndim == 3 and data.shape[2] == self._src.width:
+            self._sink(int(window.row_off), data)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._src, name)
 
 
 def write_quicklook(classmap: Path, out: Path, class_names: list[str], rgb: np.ndarray | None,

@@ -32,7 +32,7 @@ from geoclip.ioutils import write_json
 from geoclip.scoring.blend import NODATA_CLASS, PROB_SCALE, PredictFn, blend_rows, class_colors, write_outputs  # noqa: F401
 from geoclip.scoring.embeddings import SUFFIX as EMBEDDINGS_SUFFIX
 from geoclip.scoring.embeddings import EmbeddingWriter
-from geoclip.scoring.quicklook import true_colour, write_quicklook
+from geoclip.scoring.quicklook import Tapped, TrueColour, write_quicklook
 from geoclip.scoring.scene_io import gdal_path, scene_env, window_starts  # noqa: F401
 
 SCENE_DTYPE = "uint16"  # what every input is read as: EuroSAT-like digital numbers (the scenes suite's dtype rule)
@@ -149,7 +149,9 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
                                               src.transform, src.crs, window, emb.shape[1], model_uri))
             writer[0].add(where, emb)
 
-        rows = blend_rows(predict_fn, src, len(class_names), window, stride, batch_size, nodata, probabilities,
+        colour = TrueColour(src, nodata) if quicklook else None
+        read_from = Tapped(src, colour.add) if colour is not None else src
+        rows = blend_rows(predict_fn, read_from, len(class_names), window, stride, batch_size, nodata, probabilities,
                           sink if embeddings else None, full_resolution)
         try:
             counts, areas, correct, judged = write_outputs(
@@ -162,7 +164,7 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
         for part in writer:
             outs["embeddings"] = part.close()
         h, w, crs, described = src.height, src.width, src.crs.to_string(), src.describe()
-        rgb = true_colour(src, nodata) if quicklook else None
+        rgb = colour.image() if colour is not None else None
     seconds = time.perf_counter() - started
     summary = {
         "scene": scene_name or str(scene), "model_uri": model_uri, **{k: str(p) for k, p in outs.items()},

@@ -85,3 +85,27 @@ def test_a_boundary_between_stride_cells_lands_where_it_is_not_on_the_cell_grid(
     assert edges[False] % 32 == 0  # blocks: the boundary snaps to the cell grid
     assert abs(edges[True] - boundary) <= 4, edges  # interpolated: within a few pixels of the true edge
     assert abs(edges[True] - boundary) < abs(edges[False] - boundary)
+
+
+def test_the_quicklooks_true_colour_is_built_from_the_strips_scoring_reads(tmp_path):
+    from types import SimpleNamespace
+
+    from geoclip.bands import ALL_BAND_NAMES
+    from geoclip.scoring.quicklook import TrueColour
+
+    h, w, scale = 2100, 1030, 3  # 2100 px -> 3 px per quick-look pixel (1024 max), columns padded
+    data = np.random.default_rng(0).integers(1, 3000, size=(13, h, w)).astype(np.uint16)
+    data[:, :300, :200] = 0  # nodata
+    src = SimpleNamespace(model_bands=list(ALL_BAND_NAMES), height=h, width=w)
+    colour = TrueColour(src)
+    for r0 in range(0, h, 256):  # strips as scan_windows reads them
+        colour.add(r0, data[:, r0:r0 + 256])
+    rgb = data[[ALL_BAND_NAMES.index(b) for b in ("B04", "B03", "B02")]].astype(float)
+    valid = (data != 0).any(axis=0)
+    pad = (-h % scale, -w % scale)
+    sums = np.pad(rgb * valid, ((0, 0), (0, pad[0]), (0, pad[1]))).reshape(3, -1, scale, colour.sums.shape[2], scale)
+    counts = np.pad(valid, ((0, pad[0]), (0, pad[1]))).reshape(-1, scale, colour.sums.shape[2], scale).sum(axis=(1, 3))
+    np.testing.assert_allclose(colour.sums, sums.sum(axis=(2, 4)))
+    np.testing.assert_array_equal(colour.counts, counts)
+    image = colour.image()
+    assert image.shape == (700, 344, 3) and (image[:100, :66] == 1.0).all()  # nodata white
