@@ -22,7 +22,8 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from geoclip.bands import SCL_MASKED_CLASSES, canonical_band
-from geoclip.data.products import MASK_SUFFIX, BandFile, Product, gdal_name, mask_uri
+from geoclip.data.products import MASK_SUFFIX, BandFile, Product, mask_uri
+from geoclip.data.s3 import gdal_path
 from geoclip.errors import GeoclipError
 
 READABLE_TYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
@@ -306,7 +307,7 @@ def read_tile(uri: str, model_bands: list[str] | tuple[str, ...], size: int | No
     name = str(uri).rstrip("/").rsplit("/", 1)[-1]
     if name.lower().endswith((".tif", ".tiff")) and not name.rsplit(".", 1)[0].endswith(MASK_SUFFIX):
         try:
-            with rasterio.open(gdal_name(str(uri))) as src:
+            with rasterio.open(gdal_path(str(uri))) as src:
                 if _plain_tile(src, model_bands, opts) and not Path(mask_uri(str(uri))).is_file():
                     check(src.count, src.height, src.width)
                     return src.read()

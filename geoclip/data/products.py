@@ -19,6 +19,7 @@ from rasterio.errors import RasterioIOError
 
 from geoclip.bands import SCL_BAND, canonical_band
 from geoclip.data import s3
+from geoclip.data.s3 import gdal_path
 from geoclip.errors import GeoclipError
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
@@ -56,21 +57,11 @@ class Product:
     files: tuple[str, ...] = ()  # every file the pixels come from (content identity, outputs' provenance)
 
 
-def gdal_name(uri: str) -> str:
-    """GDAL's name for a local path or an ``s3://`` URI (``/vsis3/``)."""
-    if s3.is_s3(uri):
-        bucket, key = s3.split_uri(uri)
-        return f"/vsis3/{bucket}/{key}"
-    return str(uri)
-
-
 def _join(base: str, rel: str) -> str:
-    """``rel`` (a path or URI) against the folder or prefix ``base``."""
+    """``rel`` (a path or URI; an absolute one stays as it is) against the folder or prefix ``base``."""
     if s3.is_s3(rel) or rel.startswith(("/", "http://", "https://")):
         return rel
-    if s3.is_s3(base):
-        return str(PurePosixPath(base.rstrip("/"), rel)).replace("s3:/", "s3://", 1)
-    return str(Path(base, rel))
+    return s3.join(base, rel) if s3.is_s3(base) else str(Path(base, rel))
 
 
 def _parent(uri: str) -> str:
@@ -128,7 +119,7 @@ def _level_from_name(text: str) -> str:
 def _stacked(uri: str, band_names: list[str] | None, default_order: list[str]) -> Product:
     """A multi-band raster: bands in the order its descriptions name, else ``band_names``, else ``default_order``."""
     try:
-        with rasterio.open(gdal_name(uri)) as src:
+        with rasterio.open(gdal_path(uri)) as src:
             count, descriptions, tags = src.count, src.descriptions, src.tags()
             scales, offsets = src.scales, src.offsets
     except RasterioIOError as exc:
@@ -155,12 +146,12 @@ def _stacked(uri: str, band_names: list[str] | None, default_order: list[str]) -
         raise GeoclipError(f"{uri}: {count} band(s), but {source} names {len(names)}: {', '.join(names)}")
     if len(set(names)) != len(names):
         raise GeoclipError(f"{uri}: {source} name a band twice: {names}")
-    bands = {n: BandFile(gdal_name(uri), i + 1) for i, n in enumerate(names)}
+    bands = {n: BandFile(gdal_path(uri), i + 1) for i, n in enumerate(names)}
     # A GDAL scale/offset (reflectance = DN * scale + offset) is the file's own statement of its units.
     gain = {n: 10000 * s for n, s in zip(names, scales) if s not in (None, 1.0)}
     bias = {n: 10000 * o for n, o, s in zip(names, offsets, scales) if s not in (None, 1.0) or o}
     stem = PurePosixPath(uri.rstrip("/")).stem
-    mask = _sidecar_mask(uri, stem)
+    mask = _sidecar_mask(uri)
     return Product(uri, stem, "stacked", bands, _level_from_name(json.dumps(tags) + " " + stem), gain, bias,
                    mask, "binary" if mask else "", (uri,) + ((mask_uri(uri),) if mask else ()))
 
@@ -170,10 +161,11 @@ def mask_uri(scene_uri: str) -> str:
     return _join(_parent(scene_uri), PurePosixPath(scene_uri.rstrip("/")).stem + MASK_SUFFIX + ".tif")
 
 
-def _sidecar_mask(uri: str, stem: str) -> BandFile | None:
+def _sidecar_mask(uri: str) -> BandFile | None:
+    """A stacked scene's own mask file, when there is one."""
     path = mask_uri(uri)
     there = s3.exists(path) if s3.is_s3(path) else Path(path).is_file()
-    return BandFile(gdal_name(path)) if there else None
+    return BandFile(gdal_path(path)) if there else None
 
 
 def _folder(uri: str) -> Product:
@@ -198,13 +190,13 @@ def _folder(uri: str) -> Product:
         res = int(m.group(2) or 0)
         if band not in bands or res < bands[band][0]:  # the finest copy of a band (L2A keeps 10, 20 and 60 m)
             bands[band] = (res, f)
-    spectral = {b: BandFile(gdal_name(f)) for b, (_, f) in bands.items() if b not in (SCL_BAND, "MASK")}
+    spectral = {b: BandFile(gdal_path(f)) for b, (_, f) in bands.items() if b not in (SCL_BAND, "MASK")}
     if not spectral:
         raise GeoclipError(f"{uri}: no per-band files (expected names ending _B02.tif, _B8A.jp2 ...)")
     mask = bands.get(SCL_BAND) or bands.get("MASK")
     stem = PurePosixPath(uri.rstrip("/")).name
     return Product(uri, stem, "per-band", spectral, _level_from_name(stem),
-                   mask=BandFile(gdal_name(mask[1])) if mask else None,
+                   mask=BandFile(gdal_path(mask[1])) if mask else None,
                    mask_kind=("scl" if SCL_BAND in bands else "binary") if mask else "",
                    files=tuple(f for _, f in sorted(bands.values(), key=lambda rf: rf[1])))
 
@@ -213,8 +205,16 @@ def _safe(mtd_uri: str) -> Product:
     """A SAFE product from its MTD: the image files it lists (finest resolution of each band), level and offsets."""
     try:
         root = ET.fromstring(_read_text(mtd_uri))
+        return _safe_from(mtd_uri, root)
     except ET.ParseError as exc:
         raise GeoclipError(f"{mtd_uri}: not a readable product metadata XML ({exc})") from exc
+    except (ValueError, TypeError, IndexError) as exc:  # a band_id or quantification value that is not a number
+        raise GeoclipError(f"{mtd_uri}: unexpected product metadata ({exc}); expected an ESA MTD_MSIL1C/L2A file") \
+            from exc
+
+
+def _safe_from(mtd_uri: str, root: ET.Element) -> Product:
+    """The SAFE product described by the parsed MTD ``root``."""
     ptype = (root.findtext(".//PRODUCT_TYPE") or "").strip()
     level = {"S2MSI1C": "L1C", "S2MSI2A": "L2A"}.get(ptype) or _level_from_name(Path(mtd_uri).name)
     folder = _parent(mtd_uri)
@@ -234,12 +234,12 @@ def _safe(mtd_uri: str) -> Product:
     offsets = {MTD_BAND_IDS[int(n.get("band_id", -1))]: float(n.text or 0)
                for n in list(root.iter("BOA_ADD_OFFSET")) + list(root.iter("RADIO_ADD_OFFSET"))
                if 0 <= int(n.get("band_id", -1)) < len(MTD_BAND_IDS)}
-    spectral = {b: BandFile(gdal_name(f)) for b, (_, f) in bands.items() if b != SCL_BAND}
+    spectral = {b: BandFile(gdal_path(f)) for b, (_, f) in bands.items() if b != SCL_BAND}
     gain = {b: 10000 / quant for b in spectral} if quant != 10000 else {}
     bias = {b: offsets[b] * 10000 / quant for b in spectral if offsets.get(b)}
     scl = bands.get(SCL_BAND)
     stem = PurePosixPath(folder).name.removesuffix(".SAFE")
-    return Product(mtd_uri, stem, "safe", spectral, level, gain, bias, BandFile(gdal_name(scl[1])) if scl else None,
+    return Product(mtd_uri, stem, "safe", spectral, level, gain, bias, BandFile(gdal_path(scl[1])) if scl else None,
                    "scl" if scl else "", (mtd_uri,) + tuple(sorted(f for _, f in bands.values())))
 
 
@@ -251,6 +251,15 @@ def _stac(uri: str) -> Product:
         raise GeoclipError(f"{uri}: not JSON ({exc.msg} at line {exc.lineno}); expected a STAC Item") from exc
     if not isinstance(item, dict) or item.get("type") != "Feature" or not isinstance(item.get("assets"), dict):
         raise GeoclipError(f"{uri}: not a STAC Item (expected \"type\": \"Feature\" with \"assets\")")
+    try:
+        return _stac_from(uri, item)
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:  # eo:bands not a list, a scale not a number
+        raise GeoclipError(f"{uri}: unexpected STAC Item content ({exc}); expected eo:bands and raster:bands lists "
+                           "of objects") from exc
+
+
+def _stac_from(uri: str, item: dict) -> Product:
+    """The product described by the STAC Item ``item``."""
     props = item.get("properties") or {}
     ptype = str(props.get("s2:product_type") or props.get("processing:level") or "")
     level = {"S2MSI1C": "L1C", "S2MSI2A": "L2A"}.get(ptype.upper(), ptype.upper() if ptype.upper() in ("L1C", "L2A")
@@ -272,12 +281,12 @@ def _stac(uri: str) -> Product:
         if band != SCL_BAND and raster.get("scale") not in (None, 1, 1.0):
             gain[band] = 10000 * float(raster["scale"])
             bias[band] = 10000 * float(raster.get("offset") or 0)
-    spectral = {b: BandFile(gdal_name(h)) for b, h in bands.items() if b != SCL_BAND}
+    spectral = {b: BandFile(gdal_path(h)) for b, h in bands.items() if b != SCL_BAND}
     if not spectral:
         raise GeoclipError(f"{uri}: no asset is a Sentinel-2 band (expected keys or eo:bands such as B02 or blue)")
     scl = bands.get(SCL_BAND)
     return Product(uri, str(item.get("id") or PurePosixPath(uri).stem), "stac", spectral, level, gain, bias,
-                   BandFile(gdal_name(scl)) if scl else None, "scl" if scl else "",
+                   BandFile(gdal_path(scl)) if scl else None, "scl" if scl else "",
                    (uri,) + tuple(sorted(bands.values())))
 
 
@@ -345,7 +354,5 @@ def input_files(uri: str) -> list[str]:
     hashes."""
     name = str(uri).rstrip("/").rsplit("/", 1)[-1]
     if name.lower().endswith((".tif", ".tiff")):
-        mask = mask_uri(uri)
-        there = s3.exists(mask) if s3.is_s3(mask) else Path(mask).is_file()
-        return [str(uri)] + ([mask] if there else [])
+        return [str(uri)] + ([mask_uri(uri)] if _sidecar_mask(uri) else [])
     return list(resolve(uri).files)

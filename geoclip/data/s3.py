@@ -47,6 +47,15 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def gdal_path(uri: str | Path) -> str:
+    """What GDAL opens: ``s3://bucket/key`` -> ``/vsis3/bucket/key`` (read in ranges, never downloaded); a local
+    path as it is."""
+    if is_s3(uri):
+        bucket, key = split_uri(str(uri))
+        return f"/vsis3/{bucket}/{key}"
+    return str(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     """Join key parts onto an ``s3://`` URI with single slashes."""
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])

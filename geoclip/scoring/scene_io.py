@@ -22,6 +22,7 @@ import rasterio.shutil
 from rasterio.windows import Window
 
 from geoclip.data import s3
+from geoclip.data.s3 import gdal_path  # noqa: F401  (part of this module's API)
 from geoclip.ioutils import atomic_path
 
 MIN_STRIP_ROWS = 256  # rows per read at least (rounded up to whole blocks): few, large reads
@@ -36,14 +37,6 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     if starts[-1] != size - window:
         starts.append(size - window)
     return starts
-
-
-def gdal_path(uri: str | Path) -> str:
-    """What GDAL opens for a scene: ``s3://bucket/key`` -> ``/vsis3/bucket/key`` (read in ranges, never downloaded)."""
-    if s3.is_s3(uri):
-        bucket, key = s3.split_uri(str(uri))
-        return f"/vsis3/{bucket}/{key}"
-    return str(uri)
 
 
 def gdal_s3_options() -> dict[str, str]:

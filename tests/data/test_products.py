@@ -263,3 +263,17 @@ def test_stacked_scenes_with_their_masks_are_scenes_not_a_product(tmp_path):
         (tmp_path / f"{stem}_mask.tif").write_bytes((tmp_path / f"{stem}.tif").read_bytes())
     files = [str(p) for p in sorted(tmp_path.iterdir())]
     assert discover_inputs(str(tmp_path), files) == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]
+
+
+def test_malformed_metadata_is_one_line_naming_the_file(tmp_path):
+    item = stac_item(tmp_path / "stac")
+    data = json.loads(item.read_text())
+    data["assets"]["red"]["raster:bands"] = [{"scale": "a tenth", "offset": 0}]
+    item.write_text(json.dumps(data))
+    with pytest.raises(GeoclipError, match=r"item\.json: unexpected STAC Item content"):
+        resolve(str(item))
+    safe = safe_product(tmp_path / "s")
+    mtd = next(safe.glob("MTD_*.xml"))
+    mtd.write_text(mtd.read_text().replace('band_id="3"', 'band_id="red"'))
+    with pytest.raises(GeoclipError, match=r"MTD_MSIL2A\.xml: unexpected product metadata"):
+        resolve(str(safe))
