@@ -170,6 +170,8 @@ def _sidecar_mask(uri: str) -> BandFile | None:
 
 def _folder(uri: str) -> Product:
     """A SAFE folder (it holds an MTD) or a folder of per-band files."""
+    if not s3.is_s3(uri) and not Path(uri).exists():
+        raise GeoclipError(f"{uri}: no such file or folder; expected a scene, a product folder or a STAC item")
     files = _list(uri)
     if not files:
         raise GeoclipError(f"{uri}: empty folder; expected a SAFE product or per-band files (*_B02.tif ...)")

@@ -140,6 +140,8 @@ def test_an_old_baseline_l1c_safe_reads_as_it_is(tmp_path):
 
 
 def test_an_empty_or_incomplete_safe_is_refused(tmp_path):
+    with pytest.raises(GeoclipError, match=r"gone: no such file or folder"):
+        resolve(str(tmp_path / "gone"))
     (tmp_path / "X.SAFE").mkdir()
     with pytest.raises(GeoclipError, match=r"X\.SAFE: empty folder"):
         resolve(str(tmp_path / "X.SAFE"))
