@@ -29,11 +29,13 @@ demo: venv
 	dvc push
 	@echo "metrics:"; dvc metrics show
 
+# Two workers (pytest-xdist), one test file each at a time: module fixtures and servers stay with their tests.
+PYTEST_WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 # moto S3 :9000, MLflow :5000 (SQLite + S3 artifacts), Prefect :4200, all on 127.0.0.1; Ctrl-C stops them.
 services: venv
