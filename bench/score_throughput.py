@@ -2,13 +2,16 @@
 
 1. A large synthetic 13-band uint16 tiled scene (default 10980 x 10980 = one Sentinel-2 tile, 256-px blocks,
    deflate + horizontal predictor) is generated in a child process under a temporary folder (or ``--scene``).
-2. Read-only: the scene is read window by window exactly as scoring reads it (geoclip.scoring.scene_io.scan_windows:
-   block-aligned strips, windows copied into the batch buffer), no model.
-3. Scoring: geoclip.scoring.score.score_scene with a real GeoCLIP (untrained, ``--encoder``; or ``--model`` = a folder
+2. Read-only: the scene is read window by window exactly as scoring reads it (block-aligned strips decoded by
+   ``--read-workers`` threads ahead of the window assembly, geoclip.scoring.pipeline.read_ahead and
+   geoclip.scoring.scene_io.scan_windows), no model.
+3. Inference-only: the model on as many windows as scoring infers, from a batch already in memory: what inference
+   alone allows (scoring cannot beat it; on a CPU, reading competes with it for the cores).
+4. Scoring: geoclip.scoring.score.score_scene with a real GeoCLIP (untrained, ``--encoder``; or ``--model`` = a folder
    written by save_model, or an MLflow model URI / pyfunc folder): class-map COG, quick-look, summary.
 
 Also times decoding the block-aligned strips alone (GDAL's speed on the file, no window assembly).
-Prints megapixels/s of both, their ratio (how close scoring is to the I/O limit) and peak RSS: the largest
+Prints megapixels/s of each, the ratios of scoring to read-only and to inference-only and peak RSS: the largest
 VmRSS a sampling thread saw in each phase, and ru_maxrss of the process (generation runs in a child process,
 so it does not count), and the 1-minute load average after each phase (other work on the machine slows
 every figure). ``--json OUT`` writes the figures.
@@ -177,20 +180,51 @@ def per_band_product(scene: str, folder: Path) -> str:
 
 def read_only(scene: str, args) -> dict:
     """Read the scene (a stacked file or a per-band product folder) window by window exactly as scoring does
-    (geoclip.data.product_reader, strips, window batches), without a model."""
+    (geoclip.data.product_reader, strips read ahead by ``--read-workers`` threads, window batches), without a model."""
     from geoclip.bands import ALL_BAND_NAMES
     from geoclip.data.product_reader import ReadOptions, open_product
-    from geoclip.scoring.scene_io import scan_windows, scene_env
+    from geoclip.scoring.pipeline import available_cores, read_ahead
+    from geoclip.scoring.scene_io import scan_windows, scene_env, strip_rows
+
+    def opener():
+        return open_product(scene, ALL_BAND_NAMES, ReadOptions())
 
     started, windows = time.perf_counter(), 0
-    with RssSampler() as rss, scene_env(scene), open_product(scene, ALL_BAND_NAMES, ReadOptions()) as src:
-        for batch in scan_windows(src, args.window, args.stride, args.batch_size, args.nodata):
+    with RssSampler() as rss, scene_env(scene), opener() as src:
+        strips = read_ahead(opener, src.height, src.width, strip_rows(src, args.window),
+                            args.read_workers or available_cores(), env=lambda: scene_env(scene))
+        for batch in scan_windows(src, args.window, args.stride, args.batch_size, args.nodata, strips):
             windows += len(batch.where)
         pixels = src.width * src.height
     seconds = time.perf_counter() - started
     return {"seconds": round(seconds, 2), "megapixels_per_s": round(pixels / 1e6 / seconds, 3), "windows": windows,
             "windows_per_s": round(windows / seconds, 1), "peak_rss_gib": round(rss.peak / 2**30, 3),
             "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def inference_only(predict_fn, windows: int, pixels: int, args) -> dict:
+    """The model alone on ``windows`` windows (one batch of random DNs, already in memory, predicted again and
+    again): the speed inference allows, in scene megapixels/s."""
+    batch = np.random.default_rng(0).integers(300, 4000, (args.batch_size, N_BANDS, args.window, args.window),
+                                              dtype=np.uint16)
+    started, left = time.perf_counter(), windows
+    while left > 0:
+        predict_fn(batch[:min(left, args.batch_size)])
+        left -= args.batch_size
+    seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 2), "megapixels_per_s": round(pixels / 1e6 / seconds, 3), "windows": windows,
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def scene_windows(scene: str, args) -> tuple[int, int]:
+    """(windows scoring infers on an all-valid scene, pixels): every window position."""
+    import rasterio
+
+    from geoclip.scoring.scene_io import window_starts
+
+    with rasterio.open(scene) as src:
+        h, w = src.height, src.width
+    return len(window_starts(h, args.window, args.stride)) * len(window_starts(w, args.window, args.stride)), h * w
 
 
 def scoring(scene: str, args, out: Path) -> dict:
@@ -204,7 +238,7 @@ def scoring(scene: str, args, out: Path) -> dict:
         summary = score_scene(predict_fn, scene, out, names, window=args.window, stride=args.stride,
                               batch_size=args.batch_size, nodata=args.nodata, bands=ALL_BAND_NAMES,
                               quicklook=not args.no_quicklook, probabilities=args.probabilities,
-                              full_resolution=not args.coarse)
+                              full_resolution=not args.coarse, read_workers=args.read_workers)
     seconds = time.perf_counter() - started
     pixels = summary["width"] * summary["height"]
     return {"model": what, "seconds": round(seconds, 2), "megapixels_per_s": round(pixels / 1e6 / seconds, 3),
@@ -226,6 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nodata", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--read-workers", type=int, default=0, help="threads decoding strips (0: the cores available)")
+    p.add_argument("--skip-inference", action="store_true", help="skip the inference-only pass")
     p.add_argument("--encoder", default="resnet10t", help="timm image encoder of the untrained model (as params.yaml)")
     p.add_argument("--model", help="a save_model folder, an MLflow model URI or a pyfunc folder")
     p.add_argument("--probabilities", action="store_true", help="also write the per-class probability COG")
@@ -271,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scene {scene}: {shape}" + (f", generated in {generated} s" if generated else ""), flush=True)
         figures: dict = {"scene": {**shape, "path": scene, "generated_s": generated},
                          "config": {k: getattr(args, k) for k in ("window", "stride", "batch_size", "device", "nodata",
-                                                                  "probabilities", "coarse")},
+                                                                  "probabilities", "coarse", "read_workers")},
                          "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                      "platform": platform.platform(), "torch": torch.__version__,
                                      "gdal": rasterio.__gdal_version__,
@@ -297,15 +333,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"read-only, per-band COGs (resampled per file): {figures['read_only_per_band']} "
                   f"(per-band/stacked time ratio {figures.get('ratio_per_band_to_stacked_time')}, goal <= 1.5)",
                   flush=True)
+        if not args.skip_score and not args.skip_inference:
+            predict_fn, _, what = make_predict_fn(args)
+            figures["inference_only"] = {"model": what, **inference_only(predict_fn, *scene_windows(scene, args), args)}
+            print(f"inference only: {figures['inference_only']}", flush=True)
         if not args.skip_score:
             figures["scoring"] = scoring(scene, args, work / "out")
             print(f"scoring:   {figures['scoring']}", flush=True)
         figures["peak_rss_gib_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
         score, read = figures.get("scoring", {}), figures.get("read_only", {})
+        infer = figures.get("inference_only", {})
         if score and read:
             figures["ratio_scoring_to_read"] = round(score["megapixels_per_s"] / read["megapixels_per_s"], 4)
-        print(f"read-only {read.get('megapixels_per_s')} MP/s | scoring {score.get('megapixels_per_s')} MP/s | "
-              f"ratio {figures.get('ratio_scoring_to_read')} | peak RSS scoring {score.get('peak_rss_gib')} GiB, "
+        if score and infer:
+            figures["ratio_scoring_to_inference"] = round(score["megapixels_per_s"] / infer["megapixels_per_s"], 4)
+        print(f"read-only {read.get('megapixels_per_s')} MP/s | inference-only {infer.get('megapixels_per_s')} MP/s | "
+              f"scoring {score.get('megapixels_per_s')} MP/s | scoring/read {figures.get('ratio_scoring_to_read')}, "
+              f"scoring/inference {figures.get('ratio_scoring_to_inference')} | peak RSS scoring {score.get('peak_rss_gib')} GiB, "
               f"process {figures['peak_rss_gib_process']} GiB, baseline {figures['rss_baseline_gib']} GiB")
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

@@ -127,6 +127,13 @@ class TrainConfig:
     weight_decay: float = 1.0e-4
     init_temperature: float = 0.07
     nproc_per_node: int = 1
+    # Several nodes (flows/training.py, one torchrun agent per node through Dask): nodes, restarts of the worker
+    # group after a failure (each resumes from the last checkpoint), how long a rendezvous waits for every node, and
+    # the Dask scheduler whose workers (started with `--resources node=1`) are the nodes ("": a local cluster).
+    nnodes: int = 1
+    max_restarts: int = 3
+    join_timeout: int = 600
+    dask_address: str = ""
     num_threads: int = 0  # 0: let torch decide
     warmup_fraction: float = 0.1  # share of all steps with a linear learning-rate warmup
     gain_noise: float = 0.05  # std of the random per-band gain in augmentation (0: off)
@@ -218,6 +225,9 @@ class ScoreConfig:
     mask_classes: list[int] = field(default_factory=lambda: list(SCL_MASKED_CLASSES))  # SCL classes masked
     band_fill: dict[str, int] = field(default_factory=dict)  # a constant for a band the input lacks, e.g. {B10: 12}
     full_resolution: bool = True  # class map blended to each pixel; false: one class per stride cell (faster)
+    # Threads decoding a scene's strips ahead of inference (0: the cores available). Each strip in flight holds
+    # bands x 256 rows x width x 2 bytes (73 MB for a full Sentinel-2 tile); at most read_workers + 1 are.
+    read_workers: int = 0
     claim_timeout_s: int = 3600  # a scene claim older than this is taken to belong to a crashed run
     wait_timeout_s: int = 21600  # longest wait for a scene another live run is scoring; then an error (try later)
 
@@ -365,7 +375,11 @@ def _validate(p: Params, source: str) -> None:
     for key, ok, expected in (("offset_noise", t.offset_noise >= 0, ">= 0"),
                               ("pixel_noise", t.pixel_noise >= 0, ">= 0"),
                               ("crop_scale", 0 < t.crop_scale <= 1, "in (0, 1]"),
-                              ("real_share", 0 <= t.real_share < 1, "in [0, 1)")):
+                              ("real_share", 0 <= t.real_share < 1, "in [0, 1)"),
+                              ("nproc_per_node", t.nproc_per_node >= 1, ">= 1"),
+                              ("nnodes", t.nnodes >= 1, ">= 1"),
+                              ("max_restarts", t.max_restarts >= 0, ">= 0"),
+                              ("join_timeout", t.join_timeout > 0, "> 0 (seconds)")):
         if not ok:
             raise GeoclipError(f"train.{key}: {getattr(t, key)}; expected a number {expected}")
     if p.train.loss not in ("clip", "siglip"):
@@ -391,6 +405,9 @@ def _validate(p: Params, source: str) -> None:
     if bad:
         raise GeoclipError(f"score.band_names / score.band_fill: {bad} are not Sentinel-2 band names "
                            "(expected B01 ... B12, B8A or common names such as blue, nir)")
+    if p.score.read_workers < 0:
+        raise GeoclipError(f"score.read_workers: {p.score.read_workers}; expected a number of threads, or 0 (the "
+                           "cores available)")
     if p.register.margin < 0:
         raise GeoclipError(f"register.margin: {p.register.margin}; expected a number >= 0")
     if p.prepare.split not in ("stratified", "spatial"):

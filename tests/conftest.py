@@ -64,6 +64,15 @@ def s3_server():
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect server for the whole session (120 s start timeout: slow on 2 busy cores)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture
 def real_tiles() -> Path:
     """The 100 real EuroSAT_MS dev tiles, or skip."""

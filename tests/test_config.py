@@ -40,6 +40,11 @@ def test_int_is_widened_to_float():
     ({"synth": []}, "synth: expected a mapping"),
     ({"paths": {"raw": "data/raw", "synthetic": "data/raw/synthetic"}}, "paths.synthetic: data/raw/synthetic overlaps"),
     ({"ingest": {"allow_outside_paths": "yes"}}, "ingest.allow_outside_paths: expected bool"),
+    ({"train": {"nnodes": 0}}, "train.nnodes: 0; expected a number >= 1"),
+    ({"train": {"nproc_per_node": 0}}, "train.nproc_per_node: 0; expected a number >= 1"),
+    ({"train": {"max_restarts": -1}}, "train.max_restarts: -1; expected a number >= 0"),
+    ({"train": {"join_timeout": 0}}, "train.join_timeout: 0; expected a number > 0 (seconds)"),
+    ({"score": {"read_workers": -2}}, "score.read_workers: -2; expected a number of threads, or 0"),
 ])
 def test_bad_params_name_the_field(data, fragment):
     with pytest.raises(GeoclipError, match=None) as info:

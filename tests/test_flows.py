@@ -25,15 +25,6 @@ from geoclip.errors import GeoclipError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """A temporary Prefect server for the whole session (120 s start timeout: slow on 2 busy cores)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def write_params(path: Path, data: dict) -> str:
     """Write a params file; return its path as a string (what flows take)."""
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -122,20 +122,22 @@ def _smooth_rows(acc: np.ndarray, hits: np.ndarray, c0: int, y0: int, y1: int, s
 
 def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: int, batch_size: int, nodata: int,
                probabilities: bool = False, embeddings: EmbeddingSink | None = None,
-               full_resolution: bool = False) -> Iterator[BlendedRows]:
+               full_resolution: bool = False, strips: Iterable[tuple[int, np.ndarray]] | None = None
+               ) -> Iterator[BlendedRows]:
     """Average overlapping window probabilities on a grid of ``stride`` cells; yield final output rows top to bottom.
 
     ``full_resolution``: each pixel's probabilities are interpolated between the cell centres around it (smooth
     class boundaries at the input's resolution), else each cell is one class. Only the cell rows that later windows
     (or the interpolation) can still need are held: memory follows the strip, not the scene. ``embeddings``
-    receives each batch's window positions and embeddings (``predict_fn`` must return them).
+    receives each batch's window positions and embeddings (``predict_fn`` must return them). ``strips``: the scene's
+    strips being read elsewhere (see geoclip.scoring.scene_io.scan_windows).
     """
     gw, gh = math.ceil(src.width / stride), math.ceil(src.height / stride)
     acc, hits = np.zeros((n_classes, 0, gw), np.float32), np.zeros((0, gw), np.int32)
     c0 = done = 0  # first cell row held; first scene row not yet yielded
     valid = np.zeros((0, src.width), bool)  # rows [done, settled): settled but not yet yielded
     with tqdm(total=src.height, desc=f"score {Path(src.name).name}", unit="row") as bar:
-        for batch in scan_windows(src, window, stride, batch_size, nodata):
+        for batch in scan_windows(src, window, stride, batch_size, nodata, strips):
             if batch.where:
                 out = predict_fn(batch.tiles)
                 probs = np.asarray(out["probabilities"] if isinstance(out, dict) else out)

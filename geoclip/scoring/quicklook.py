@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,21 +64,12 @@ class TrueColour:
         return out
 
 
-class Tapped:
-    """A scene being scored, whose every strip read also goes to ``sink(row, data)``."""
-
-    def __init__(self, src, sink):
-        self._src, self._sink = src, sink
-
-    def read(self, *args, **kwargs) -> np.ndarray:
-        data = self._src.read(*args, **kwargs)
-        window = kwargs.get("window")
-        if window is not None and data.ndim == 3 and data.shape[2] == self._src.width:
-            self._sink(int(window.row_off), data)
-        return data
-
-    def __getattr__(self, name: str):
-        return getattr(self._src, name)
+def tapped(strips: Iterable[tuple[int, np.ndarray]], sink: Callable[[int, np.ndarray], None]
+           ) -> Iterator[tuple[int, np.ndarray]]:
+    """The scene's strips ``(first row, data)`` as they pass, each also handed to ``sink(row, data)``."""
+    for row, data in strips:
+        sink(row, data)
+        yield row, data
 
 
 def write_quicklook(classmap: Path, out: Path, class_names: list[str], rgb: np.ndarray | None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
@@ -100,14 +100,19 @@ class WindowBatch(NamedTuple):
     valid: np.ndarray  # (rows, width) bool, "some band is not nodata", for the rows newly settled by this batch
 
 
-def scan_windows(src, window: int, stride: int, batch_size: int, nodata: int) -> Iterator[WindowBatch]:
+def scan_windows(src, window: int, stride: int, batch_size: int, nodata: int,
+                 strips: Iterable[tuple[int, np.ndarray]] | None = None) -> Iterator[WindowBatch]:
     """The scene's windows (all-nodata ones skipped) in batches, row by row, read in block-aligned strips.
 
     Each block is decoded once: the rows still needed by the next window row stay in memory between strips.
-    Batches may be empty: they then only report newly settled rows.
+    Batches may be empty: they then only report newly settled rows. ``strips``: the strips of :func:`strip_rows`
+    rows, ``(first row, data)`` top to bottom, already being read (geoclip.scoring.pipeline.read_ahead); default:
+    read here, one after the other.
     """
     h, w = src.height, src.width
     rows = strip_rows(src, window)
+    if strips is None:
+        strips = ((r0, src.read(window=Window(0, r0, w, min(rows, h - r0)))) for r0 in range(0, h, rows))
     ys, xs = window_starts(h, window, stride), np.asarray(window_starts(w, window, stride))
     batch = np.empty((batch_size, src.count, window, window), dtype=src.dtypes[0])
     where: list[tuple[int, int]] = []
@@ -122,8 +127,7 @@ def scan_windows(src, window: int, stride: int, batch_size: int, nodata: int) ->
         del where[:n]
         return item
 
-    for r0 in range(0, h, rows):
-        chunk = src.read(window=Window(0, r0, w, min(rows, h - r0)))
+    for _, chunk in strips:
         buf = np.concatenate([buf, chunk], axis=1)
         valid = np.concatenate([valid, np.any(chunk != nodata, axis=0)])
         del chunk

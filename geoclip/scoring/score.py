@@ -32,8 +32,9 @@ from geoclip.ioutils import write_json
 from geoclip.scoring.blend import NODATA_CLASS, PROB_SCALE, PredictFn, blend_rows, class_colors, write_outputs  # noqa: F401
 from geoclip.scoring.embeddings import SUFFIX as EMBEDDINGS_SUFFIX
 from geoclip.scoring.embeddings import EmbeddingWriter
-from geoclip.scoring.quicklook import Tapped, TrueColour, write_quicklook
-from geoclip.scoring.scene_io import gdal_path, scene_env, window_starts  # noqa: F401
+from geoclip.scoring.pipeline import available_cores, in_background, read_ahead
+from geoclip.scoring.quicklook import TrueColour, tapped, write_quicklook
+from geoclip.scoring.scene_io import gdal_path, scene_env, strip_rows, window_starts  # noqa: F401
 
 SCENE_DTYPE = "uint16"  # what every input is read as: EuroSAT-like digital numbers (the scenes suite's dtype rule)
 SUMMARY_FILE = "summary.json"
@@ -119,11 +120,14 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
                 bands: Sequence[str] = ALL_BAND_NAMES, model_uri: str | None = None, scene_name: str | None = None,
                 quicklook: bool = True, truth: Path | str | None = None, probabilities: bool = False,
                 embeddings: bool = False, read: ReadOptions | None = None, model_level: str = "",
-                level_mismatch: str = "warn", full_resolution: bool = True) -> dict:
+                level_mismatch: str = "warn", full_resolution: bool = True, read_workers: int = 0) -> dict:
     """Score one local or ``s3://`` input of any form (stacked raster, per-band folder, SAFE, STAC Item; see
     geoclip.data.products) read in the model's ``bands``: class map COG with its colour table, optional per-class
     probability COG, per-class areas, if a truth map exists pixel accuracy and, with ``embeddings``, each window's
-    embedding and footprint (GeoParquet, see geoclip.scoring.embeddings)."""
+    embedding and footprint (GeoParquet, see geoclip.scoring.embeddings).
+
+    Reading (``read_workers`` threads, 0: the cores available), inference and writing overlap
+    (geoclip.scoring.pipeline); the outputs are the bytes a sequential run writes."""
     out_dir, stem = Path(out_dir), input_stem(str(scene))
     read = replace(read or ReadOptions(), nodata=nodata)
     if stride <= 0 or stride > window or window % stride:
@@ -132,7 +136,8 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
         raise GeoclipError(f"class_names: {len(class_names)} classes; a uint8 class map holds 2 to {NODATA_CLASS - 1}")
     truth = _find_truth(scene, truth)
     started = time.perf_counter()
-    with scene_env(scene, truth, *asset_uris(scene)), _open_scene(scene, bands, window, read) as src:
+    uris = (scene, truth, *asset_uris(scene))
+    with scene_env(*uris), _open_scene(scene, bands, window, read) as src:
         row_area = row_areas_m2(src, scene)  # fail before the long part
         warnings_ = level_warnings(src, model_level, level_mismatch)
         for text in warnings_:
@@ -150,13 +155,17 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
             writer[0].add(where, emb)
 
         colour = TrueColour(src, nodata) if quicklook else None
-        read_from = Tapped(src, colour.add) if colour is not None else src
-        rows = blend_rows(predict_fn, read_from, len(class_names), window, stride, batch_size, nodata, probabilities,
-                          sink if embeddings else None, full_resolution)
+        strips = read_ahead(lambda: open_product(str(scene), bands, read), src.height, src.width,
+                            strip_rows(src, window), read_workers or available_cores(), env=lambda: scene_env(*uris))
+        if colour is not None:
+            strips = tapped(strips, colour.add)
+        rows = in_background(blend_rows(predict_fn, src, len(class_names), window, stride, batch_size, nodata,
+                                        probabilities, sink if embeddings else None, full_resolution, strips))
         try:
-            counts, areas, correct, judged = write_outputs(
-                rows, src, outs, list(class_names), {"model_uri": str(model_uri), "scene": scene_name or str(scene)},
-                truth, row_area)
+            with contextlib.closing(rows):  # inference runs ahead of the writing here, a bounded queue apart
+                counts, areas, correct, judged = write_outputs(
+                    rows, src, outs, list(class_names), {"model_uri": str(model_uri), "scene": scene_name or str(scene)},
+                    truth, row_area)
         except BaseException:
             for part in writer:
                 part.abort()
@@ -310,7 +319,8 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
               "bands": list(meta["input_band_names"]), "model_uri": model_uri, "scene_name": str(scene_uri),
               "quicklook": cfg.quicklook, "probabilities": cfg.probabilities, "embeddings": cfg.embeddings,
               "read": read_options(cfg), "model_level": meta.get("processing_level") or "",
-              "level_mismatch": cfg.level_mismatch, "full_resolution": cfg.full_resolution}
+              "level_mismatch": cfg.level_mismatch, "full_resolution": cfg.full_resolution,
+              "read_workers": cfg.read_workers}
     if not checked:
         check_scenes(params, [scene_uri], kwargs["bands"])
     if not s3.is_s3(out_uri):

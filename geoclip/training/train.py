@@ -185,6 +185,7 @@ class _Run:
     ckpt_path: Path
     fingerprint: dict | None  # rank 0 only
     log: RunLog = field(default_factory=NoRunLog)  # rank 0's run log
+    launch_id: str = ""  # an elastic launch's identity, kept in its checkpoints (see train)
 
 
 def _save(run: _Run, prog: _Progress) -> None:
@@ -196,15 +197,20 @@ def _save(run: _Run, prog: _Progress) -> None:
     save_checkpoint(run.ckpt_path, {
         "progress": state, "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
         "scheduler": run.sched.state_dict(), "rng": rngs, "fingerprint": run.fingerprint,
-        "run_id": run.log.run_id})
+        "run_id": run.log.run_id, "launch_id": run.launch_id})
 
 
-def _read_resume(path: Path, fp: dict | None, resume: bool, rank: int, world: int) -> dict | None:
+def _read_resume(path: Path, fp: dict | None, resume: bool, rank: int, world: int,
+                 launch_id: str = "") -> dict | None:
     """The checkpoint to resume from (read by rank 0, sent to all), or None to start fresh."""
     payload = None
     if rank == 0:
         remove_stale_temps(path)  # a run killed while writing a checkpoint leaves its temp file
-    if rank == 0 and path.exists() and not resume:
+    if rank == 0 and launch_id:
+        resume = path.exists() and _launch_of(path) == launch_id
+        if path.exists() and not resume:
+            tqdm.write(f"note: {path} is not from launch {launch_id}: starting fresh", file=sys.stderr)
+    if rank == 0 and path.exists() and not resume and not launch_id:
         # Not reused silently; kept (in case --resume was forgotten) until this run's first checkpoint replaces it.
         tqdm.write(f"note: {path} exists but --resume was not given: starting fresh (it is replaced at this "
                    "run's first checkpoint)", file=sys.stderr)
@@ -220,6 +226,14 @@ def _read_resume(path: Path, fp: dict | None, resume: bool, rank: int, world: in
     if isinstance(payload, str):
         raise GeoclipError(payload)
     return payload
+
+
+def _launch_of(path: Path) -> str | None:
+    """The launch id a checkpoint was written under (None: unreadable, or from a run without one)."""
+    try:
+        return load_checkpoint(path).get("launch_id")
+    except GeoclipError:
+        return None
 
 
 
@@ -365,8 +379,11 @@ def _captions(params: Params, rows: np.ndarray, device: torch.device
     return torch.from_numpy(ids).to(device), features.to(device)
 
 
-def train(params: Params, resume: bool = False, open_log: OpenRunLog = no_run_log) -> dict:
+def train(params: Params, resume: bool = False, open_log: OpenRunLog = no_run_log, launch_id: str = "") -> dict:
     """Train on the prepared packs (one call per rank); ``resume`` continues from ``{paths.model}/checkpoint.pt``.
+
+    ``launch_id`` (an elastic multi-node launch, whose torchrun agents restart the worker group after a failure)
+    decides instead of ``resume``: continue from the checkpoint when this same launch wrote it, else start fresh.
 
     Rank 0 reports per-epoch metrics to the run log ``open_log`` opens (reopened on resume) and writes the best
     model, ``history.json`` and the training curve into ``paths.model``. Returns ``{"run_id", "best_val_top1",
@@ -391,7 +408,8 @@ def train(params: Params, resume: bool = False, open_log: OpenRunLog = no_run_lo
     _check_data(params, train_data, val_data, classes)
     rank, world, device = init_distributed()
     try:
-        return _train_rank(params, resume, open_log, train_data, val_data, mcfg, classes, rank, world, device)
+        return _train_rank(params, resume, open_log, train_data, val_data, mcfg, classes, rank, world, device,
+                           launch_id)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -399,12 +417,12 @@ def train(params: Params, resume: bool = False, open_log: OpenRunLog = no_run_lo
 
 def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: PreparedData,
                 val_data: PreparedData, mcfg: ModelConfig, classes: list[int], rank: int, world: int,
-                device: torch.device) -> dict:
+                device: torch.device, launch_id: str = "") -> dict:
     """The body of :func:`train` on one rank, once the process group is up."""
     cfg = params.train
     ckpt_path = Path(params.paths.model) / CHECKPOINT_FILE
     fp = fingerprint(params, world) if rank == 0 else None
-    ckpt = _read_resume(ckpt_path, fp, resume, rank, world)
+    ckpt = _read_resume(ckpt_path, fp, resume, rank, world, launch_id)
     seed_everything(cfg.seed)
     model = _seeded_model(params, mcfg, device)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -434,7 +452,7 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     caption_ids, caption_features = _captions(params, rows, device)
     run = _Run(params, rank, world, device, model, step_module, opt, sched, tiles, labels, classes,
                np.asarray(val_data.images[val_rows]), np.asarray(val_data.labels)[val_rows], is_real, balance_labels,
-               caption_ids, caption_features, generators, ckpt_path, fp)
+               caption_ids, caption_features, generators, ckpt_path, fp, launch_id=launch_id)
     # Checkpoints from before the run log was generic name it mlflow_run_id.
     resumed_run_id = ckpt and (ckpt.get("run_id") or ckpt.get("mlflow_run_id"))
     with open_log(resumed_run_id) if rank == 0 else contextlib.nullcontext(NoRunLog()) as log:
