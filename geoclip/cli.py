@@ -94,6 +94,18 @@ def cmd_registry(args) -> None:
     print(registry.format_move(result))
 
 
+def cmd_relocate(args) -> None:
+    """After moving or copying the project: point its local MLflow store at this folder's artifacts."""
+    from geoclip.registry.relocate import relocate
+
+    result = relocate(load_params(args.params))
+    if result["from"] is None:
+        print(f"{result['store']}: already this project's ({result['to']}); nothing to change")
+        return
+    rows = ", ".join(f"{k} {n}" for k, n in result["changed"].items()) or "no rows"
+    print(f"{result['store']}: artifact locations moved from {result['from']} to {result['to']} ({rows})")
+
+
 def cmd_score(args) -> None:
     """Score large scenes with the registered champion."""
     from dataclasses import replace
@@ -208,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in [("ingest", cmd_ingest), ("validate", cmd_validate), ("prepare", cmd_prepare),
-                     ("evaluate", cmd_evaluate), ("register", cmd_register)]:
+                     ("evaluate", cmd_evaluate), ("register", cmd_register), ("relocate", cmd_relocate)]:
         sub.add_parser(name, help=fn.__doc__, parents=[common]).set_defaults(func=fn)
     p = sub.add_parser("train", help=cmd_train.__doc__, parents=[common])
     p.add_argument("--in-process", action="store_true", help="run in this process instead of torchrun")

@@ -33,6 +33,10 @@ def configure(params: Params) -> str:
         experiment = mlflow.get_experiment_by_name(params.mlflow.experiment)
         if experiment is not None:
             experiment_id = experiment.experiment_id
+            if not uri.startswith(("http://", "https://", "databricks")):
+                from geoclip.registry.relocate import check_location
+
+                check_location(params, experiment.artifact_location)  # not a moved project's old artifacts
         else:
             # A local artifact folder only makes sense for a local (sqlite/file) store; a server proxies its own.
             location = None
