@@ -18,6 +18,7 @@ from rasterio.errors import RasterioError
 from tqdm import tqdm
 
 from geoclip.config import Params
+from geoclip.data.docs_offline import make_offline
 from geoclip.data.tiles import LABELS_FILE, TIFF_SUFFIXES, crs_name, dataset_band_names, read_labels
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_dir, atomic_path, write_json
@@ -251,6 +252,7 @@ def publish_results(suites: list[dict], reports_dir: str | Path, site: str = DOC
                 ctx.validation_results_store.store_validation_results(result, key, suite_id)
                 write_json(tmp / SITE_RESULTS / f"{name}.json", item)
             ctx.build_data_docs(site_names=[site])
+            make_offline(tmp)  # GX links its CSS and JS from CDNs: the site must render with no network
             pages = {name: page.relative_to(tmp) for name in saved
                      for page in sorted((tmp / "validations" / name).rglob("*.html"))[:1]}
     return {"index": str(target / "index.html"), **{name: str(target / rel) for name, rel in pages.items()}}

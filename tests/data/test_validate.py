@@ -70,6 +70,27 @@ def test_good_dataset_passes_and_writes_reports(dataset):
     assert "data_docs/index.html" in (reports / "validation.html").read_text()
 
 
+def test_data_docs_load_every_script_style_and_image_from_the_site(dataset):
+    """Offline (no CDN): every asset a page links is a file of the site, and the vendored licences come along."""
+    import re
+
+    data, _ = dataset
+    params = params_from_dict(data)
+    validate(params)
+    docs = Path(params.paths.reports) / "data_docs"
+    pages = sorted(docs.rglob("*.html"))
+    assert len(pages) >= 7  # the index, 3 expectation and 3 validation pages
+    tag = re.compile(r"""<(?:script|link|img)\b[^>]*?\b(?:src|href)=["']([^"']+)["']""")
+    for page in pages:
+        refs = tag.findall(page.read_text())
+        assert refs, page
+        remote = [r for r in refs if r.startswith(("http://", "https://", "//"))]
+        assert not remote, (page, remote)
+        missing = [r for r in refs if not (page.parent / r.split("?")[0]).is_file()]
+        assert not missing, (page, missing)
+    assert (docs / "static" / "vendor" / "licenses" / "jquery.txt").is_file()
+
+
 def _out_of_range(p: Path) -> None:
     data = np.full((13, 64, 64), 1000, dtype=np.uint16)
     data[0, 0, 0] = 40000
