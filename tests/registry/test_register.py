@@ -113,8 +113,8 @@ def test_gate_tags_and_description_through_register(params):
     v1 = client.get_model_version(name, "1")
     assert v1.run_id == run1 and v1.tags["run_id"] == run1
     assert float(v1.tags["val_top1"]) == 0.6  # the tag older versions carry; the gate reads it
-    assert float(v1.tags["metric.val_top1"]) == 0.6 and float(v1.tags["metric.test_top1"]) == 0.1
-    assert "metric.test_ece" not in v1.tags and "metric.per_class" not in v1.tags  # NaN and a list: left out
+    assert not [k for k in v1.tags if k.startswith("metric.")]  # metrics live in the description and the run
+    assert len(v1.tags) <= 9, sorted(v1.tags)  # few enough for the version page to show them all
     assert v1.tags["params_hash"] == params_hash(params) == first["params_hash"]
     assert v1.tags["data_version"] == data_version(params.paths.prepared) == first["data_version"]
     assert v1.tags["git_revision"] and "holdout_class" not in v1.tags
