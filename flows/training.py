@@ -9,7 +9,6 @@ places all agents at once and waits for all of them, and the same cluster serves
 
 from __future__ import annotations
 
-import socket
 from urllib.parse import urlparse
 
 from prefect import flow, task
@@ -70,10 +69,10 @@ def rendezvous_task(nnodes: int) -> str:
     if nodes < nnodes:
         raise GeoclipError(f"train.nnodes: {nnodes}, but the Dask cluster has {nodes} worker(s) with resource "
                            "node; start one `dask worker SCHEDULER --nthreads 1 --resources node=1` per node")
+    from geoclip.devtools.services import free_port
+
     host = urlparse(get_worker().address).hostname
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return f"{host}:{s.getsockname()[1]}"
+    return f"{host}:{free_port(host)}"
 
 
 def node_lost(task, task_run, state) -> bool:

@@ -104,6 +104,7 @@ def run_node(params_path: str | Path, endpoint: str, launch_id: str, node: int =
     # keys are prefixed by its agent's restart count, which differs between nodes after a failure (one agent counts
     # the failure, the other restarts for the new round), and a restarted group then hangs in init_process_group
     # (pytorch/pytorch#135712; seen here with torch 2.14).
+    # GEOCLIP_NODE: which flow task started a process (torchrun's own GROUP_RANK changes with every rendezvous).
     env = {**os.environ, "GEOCLIP_NODE": str(node), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     _run_agent(node_command(params, params_path, endpoint, launch_id), f"training node {node} (torchrun", env)
 

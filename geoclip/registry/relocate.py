@@ -70,9 +70,12 @@ def relocate(params: Params) -> dict:
     """Rewrite the local store's artifact locations from the project folder it was made in to this one; return the
     old and new folders and the rows changed per column. The store is rewritten in a copy and renamed over."""
     db = _sqlite_file(params)
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?",
-                          (params.mlflow.experiment,)).fetchone()
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?",
+                              (params.mlflow.experiment,)).fetchone()
+    except sqlite3.Error as exc:
+        raise GeoclipError(f"{db}: not an MLflow SQLite store ({exc})") from None
     if row is None:
         raise GeoclipError(f"{db}: no experiment {params.mlflow.experiment!r} (mlflow.experiment)")
     old = moved_from(params, row[0])

@@ -102,3 +102,11 @@ def test_relocate_refuses_a_server_store(tmp_path, monkeypatch):
     params = params_from_dict({"mlflow": {"tracking_uri": "http://127.0.0.1:5000"}})
     with pytest.raises(GeoclipError, match="relocate rewrites a local SQLite store"):
         relocate(params)
+
+
+def test_relocate_names_a_file_that_is_not_a_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlflow.db").write_text("not a database")
+    with pytest.raises(GeoclipError, match=r"mlflow.db: not an MLflow SQLite store \(file is not a database\)"):
+        relocate(params_from_dict(PARAMS))
+    assert (tmp_path / "mlflow.db").read_text() == "not a database"  # left as it was
