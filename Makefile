@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv demo test test-fast services docs lock clean
+.PHONY: venv demo test test-fast services schedule docs lock clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ test-fast: venv
 # moto S3 :9000, MLflow :5000 (SQLite + S3 artifacts), Prefect :4200, all on 127.0.0.1; Ctrl-C stops them.
 services: venv
 	$(BIN)/geoclip services --dir .services
+
+# Scoring on score.cron here: a Prefect server (:4200), prefect.yaml deployed, a process worker; Ctrl-C stops them.
+schedule: venv
+	$(BIN)/geoclip schedule
 
 docs: venv
 	geoclip diagram --out docs/architecture.png

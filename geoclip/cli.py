@@ -203,6 +203,17 @@ def cmd_services(args) -> None:
     print("services stopped")
 
 
+def cmd_schedule(args) -> None:
+    """Score on params.yaml's score.cron here: a Prefect server, prefect.yaml deployed, a worker; Ctrl-C stops."""
+    from geoclip.devtools.schedule import PARAMS, run_schedule
+
+    if args.params != PARAMS:  # the deployments name their params file; another one here would be silently unused
+        raise GeoclipError(f"--params {args.params}: prefect.yaml's deployments read {PARAMS} of the project folder "
+                           "(--project); edit that file instead")
+    run_schedule(args.project, args.dir, args.prefect_port)
+    print("stopped")
+
+
 def _class_options(p: argparse.ArgumentParser) -> None:
     """``--classes`` / ``--classes-file``: answer over any class list instead of the trained one."""
     p.add_argument("--classes", default=None, help='class names to answer over, e.g. "lake, forest, vineyard" '
@@ -286,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-port", type=int, default=5000)
     p.add_argument("--prefect-port", type=int, default=4200)
     p.set_defaults(func=cmd_services)
+    p = sub.add_parser("schedule", help=cmd_schedule.__doc__, parents=[common])
+    p.add_argument("--project", default=".", help="folder of prefect.yaml and params.yaml (default: .)")
+    p.add_argument("--dir", default=".services", help="the server's state and the logs (default: .services)")
+    p.add_argument("--prefect-port", type=int, default=4200, help="port of the server started here (default: 4200)")
+    p.set_defaults(func=cmd_schedule)
     return parser
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -12,6 +16,7 @@ import numpy as np
 import pandas as pd
 import rasterio
 import torch
+import yaml
 from mlflow import MlflowClient
 from rasterio.transform import from_origin
 
@@ -19,6 +24,8 @@ from geoclip.bands import ALL_BAND_NAMES, EUROSAT_CLASSES
 from geoclip.data.tiles import discover_tiles, read_tile
 from geoclip.model.clip import GeoCLIP, ModelConfig, load_model, save_model
 from geoclip.registry.pyfunc import log_pyfunc
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_tile(path: Path, data: np.ndarray | None = None, *, bands: int = 13, size: int = 64,
@@ -167,3 +174,45 @@ def register_champion(tmp_path: Path, tracking_uri: str, name: str) -> str:
     version = mlflow.register_model(info.model_uri, name)
     MlflowClient(tracking_uri).set_registered_model_alias(name, "champion", version.version)
     return version.version
+
+
+def scoring_project(root: Path, tracking_uri: str, model: str) -> Path:
+    """A project folder as a clone has it for scheduled scoring: prefect.yaml, flows/, a .venv, and params.yaml
+    naming two scenes under ``root``, outputs in ``root/scores`` and the champion ``model`` of ``tracking_uri``."""
+    project = root / "project"
+    project.mkdir()
+    shutil.copy(REPO / "prefect.yaml", project)
+    shutil.copytree(REPO / "flows", project / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / ".venv").symlink_to(sys.prefix)  # the venv this test runs in, where `source .venv/bin/activate` finds it
+    register_champion(root, tracking_uri, model)
+    for k in range(2):
+        write_scene(root / "scenes" / f"scene_{k}.tif", h=128, w=128)
+    (project / "params.yaml").write_text(yaml.safe_dump({
+        "paths": {"scores": str(root / "scores"), "reports": str(root / "reports")},
+        "score": {"model_uri": f"models:/{model}@champion", "scenes": str(root / "scenes"), "batch_size": 64},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "test-doors"}}))
+    return project
+
+
+def prefect_api(api_url: str, path: str, body: dict | None = None) -> object:
+    """GET (or, with ``body``, POST) one route of a Prefect server's REST API; the decoded JSON."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{api_url}/{path}", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+FINAL = ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]
+
+
+def wait_for_final_run(api_url: str, deployment: str, timeout: float) -> dict:
+    """The first run of ``deployment`` (flow/deployment) to reach a final state; AssertionError after ``timeout`` s."""
+    deployment_id = prefect_api(api_url, f"deployments/name/{deployment}")["id"]
+    query = {"flow_runs": {"state": {"type": {"any_": FINAL}}, "deployment_id": {"any_": [deployment_id]}}}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = prefect_api(api_url, "flow_runs/filter", query)
+        if runs:
+            return runs[0]
+        time.sleep(2)
+    raise AssertionError(f"no run of {deployment} on {api_url} finished within {timeout:g} s")

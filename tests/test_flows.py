@@ -395,20 +395,20 @@ def prefect_server(tmp_path):
 
 
 @pytest.mark.slow
-def test_deployment_runs_from_a_real_server_on_a_process_worker(tmp_path, mlflow_server, prefect_server):
+def test_deploy_registers_the_scheduled_deployment_on_a_real_server(tmp_path, prefect_server):
+    """`python -m flows.scoring --deploy POOL`: the cron from params, the pool, the params file.
+
+    Runs of a deployment on a process worker: tests/test_readme_doors.py (the README's block) and
+    tests/devtools/test_schedule.py (`geoclip schedule`).
+    """
     import subprocess
     import sys
 
     from prefect import get_client
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     env = prefect_server
-    name = f"geoclip-{uuid.uuid4().hex[:8]}"
-    register_champion(tmp_path, mlflow_server, name)
-    for k in range(2):
-        write_scene(tmp_path / "raw" / "scenes" / f"scene_{k}.tif", h=128, w=128)
-    params_path = _flow_params(tmp_path, mlflow_server, name, cron="17 4 * * *")
+    params_path = _flow_params(tmp_path, "sqlite:///unused.db", "geoclip", cron="17 4 * * *")
 
     def prefect(*args: str, timeout: int = 300) -> str:
         done = subprocess.run([sys.executable, "-m", *args], env=env, cwd=REPO, capture_output=True, text=True,
@@ -418,22 +418,13 @@ def test_deployment_runs_from_a_real_server_on_a_process_worker(tmp_path, mlflow
 
     prefect("prefect", "work-pool", "create", "geoclip-test", "--type", "process")
     prefect("flows.scoring", "--params", params_path, "--deploy", "geoclip-test")
-    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("geoclip-scoring/scheduled-scoring")
-        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == \
-            [("17 4 * * *", "UTC", True)]
-        assert deployment.work_pool_name == "geoclip-test" and deployment.parameters == {"params_path": params_path}
-        run = run_deployment("geoclip-scoring/scheduled-scoring", timeout=0)  # due now, as a cron tick would be
-        # One polling pass picks the due run and waits for it: the flow runs in its own process from the project.
-        prefect("prefect", "worker", "start", "--pool", "geoclip-test", "--run-once", "--limit", "1", timeout=600)
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(run.id).state
-
-    assert state.is_completed(), state
-    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
-    assert (summary["n_scenes"], summary["n_scored"]) == (2, 2)
-    assert all((tmp_path / "scores" / f"scene_{k}_classmap.tif").exists() for k in range(2))
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}), \
+            get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("geoclip-scoring/scheduled-scoring")
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == \
+        [("17 4 * * *", "UTC", True)]
+    assert deployment.work_pool_name == "geoclip-test" and deployment.parameters == {"params_path": params_path}
+    assert deployment.entrypoint == "flows/scoring.py:scoring_flow"
 
 
 @pytest.mark.slow

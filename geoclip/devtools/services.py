@@ -5,7 +5,7 @@ export, and stops them all on Ctrl-C. State lives in one folder (default ``.serv
 SQLite databases, the servers' logs, and moto's request log, replayed at the next start because moto keeps
 objects in memory only. Production uses real S3 and PostgreSQL instead (see the README).
 
-``Server``, ``running``, ``wait_ready`` and ``free_port`` are the one way to run a local server process; the test
+``Server``, ``running``, ``wait_ready``, ``watch`` and ``free_port`` are the one way to run a local server process; the test
 fixtures use them too.
 
 Secrets: the services run with moto's dummy credentials (it accepts any), never the user's, and without the
@@ -226,15 +226,15 @@ def _restore_s3(s3_url: str, state: Path) -> None:
         client.create_bucket(Bucket=MLFLOW_BUCKET)
 
 
-def _watch(servers: Sequence[Server]) -> None:
-    """Return on Ctrl-C or SIGTERM; GeoclipError when a server exits."""
+def watch(servers: Sequence[Server], stopping: str = "stopping services ...") -> None:
+    """Return on Ctrl-C or SIGTERM, printing ``stopping``; GeoclipError when a server exits."""
     try:
         while True:
             for srv in servers:
                 srv.check()
             time.sleep(1)
     except KeyboardInterrupt:
-        print("stopping services ...", flush=True)
+        print(stopping, flush=True)
 
 
 def run_services(state: str | Path = ".services", ports: dict[str, int] | None = None, timeout: float = 300) -> None:
@@ -263,7 +263,7 @@ def run_services(state: str | Path = ".services", ports: dict[str, int] | None =
                 for line in export_lines(ports):
                     print(line)
                 print("Ctrl-C stops them all.", flush=True)
-                _watch([s3, *others])
+                watch([s3, *others])
     except KeyboardInterrupt:  # during start-up: running() has already stopped what had started
         pass
     finally:
