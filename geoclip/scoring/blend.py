@@ -86,35 +86,30 @@ def _lerp_weights(start: int, stop: int, stride: int, n_cells: int) -> tuple[np.
 
 
 def _smooth_rows(acc: np.ndarray, hits: np.ndarray, c0: int, y0: int, y1: int, stride: int, n_cell_rows: int,
-                 valid: np.ndarray, probabilities: bool, chunk: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+                 valid: np.ndarray, probabilities: bool, chunk: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
     """Pixel rows ``y0..y1``: window probabilities blended per cell, interpolated bilinearly between cell centres
     (cells no window covered carry no weight), then the argmax class; NODATA_CLASS where nothing is valid."""
     n_classes, w = acc.shape[0], valid.shape[1]
-    covered = hits > 0
-    mean = np.where(covered, acc / np.maximum(hits, 1), 0).astype(np.float32)
+    covered = (hits > 0).astype(np.float32)
+    weighted = np.where(hits > 0, acc / np.maximum(hits, 1), 0).astype(np.float32)  # cell mean x covered
     q0, q1, wx = _lerp_weights(0, w, stride, acc.shape[2])
     classes = np.empty((y1 - y0, w), np.uint8)
     probs = np.empty((n_classes, y1 - y0, w), np.uint8) if probabilities else None
-    for a in range(y0, y1, chunk):  # a few rows at a time: (classes, rows, width) floats stay small
+    for a in range(y0, y1, chunk):  # a few rows at a time: (classes, rows, width) floats stay in cache
         b = min(a + chunk, y1)
         r0, r1, wy = _lerp_weights(a, b, stride, n_cell_rows)
-        r0, r1 = r0 - c0, r1 - c0
-
-        def at(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            m, c = mean[:, rows], covered[rows].astype(np.float32)
-            num = m[:, :, q0] * c[:, q0] * (1 - wx) + m[:, :, q1] * c[:, q1] * wx
-            return num, c[:, q0] * (1 - wx) + c[:, q1] * wx
-
-        (n0, d0), (n1, d1) = at(r0), at(r1)
-        num = n0 * (1 - wy)[:, None] + n1 * wy[:, None]
-        den = d0 * (1 - wy)[:, None] + d1 * wy[:, None]
-        p = num / np.maximum(den, 1e-12)
-        part = p.argmax(axis=0).astype(np.uint8)
+        r0, r1, wy = r0 - c0, r1 - c0, wy[:, None]
+        # Bilinear weights are separable: blend between cell rows at cell resolution, then between cell columns.
+        num_cells = weighted[:, r0] * (1 - wy) + weighted[:, r1] * wy
+        den_cells = covered[r0] * (1 - wy) + covered[r1] * wy
+        num = num_cells[:, :, q0] * (1 - wx) + num_cells[:, :, q1] * wx
+        den = den_cells[:, q0] * (1 - wx) + den_cells[:, q1] * wx
+        part = num.argmax(axis=0).astype(np.uint8)  # the weights' sum (den) is the same for every class
         nothing = (den <= 0) | ~valid[a - y0:b - y0]
         part[nothing] = NODATA_CLASS
         classes[a - y0:b - y0] = part
         if probs is not None:
-            scaled = np.rint(p * PROB_SCALE).astype(np.uint8)
+            scaled = np.rint(num / np.maximum(den, 1e-12) * PROB_SCALE).astype(np.uint8)
             scaled[:, nothing] = NODATA_CLASS
             probs[:, a - y0:b - y0] = scaled
     return classes, probs

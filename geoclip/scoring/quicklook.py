@@ -38,16 +38,17 @@ class TrueColour:
         """Fold in scene rows ``row..`` (``data``: all bands, full width)."""
         if self.idx is None:
             return
-        s, n = self.scale, data.shape[1]
-        valid = np.any(data != self.nodata, axis=0)
-        rgb = data[self.idx].astype(np.float64) * valid
-        pad = self.sums.shape[2] * s - self.width  # whole groups of columns
-        rgb = np.pad(rgb, ((0, 0), (0, 0), (0, pad))).reshape(3, n, -1, s).sum(axis=3)
-        ok = np.pad(valid, ((0, 0), (0, pad))).reshape(n, -1, s).sum(axis=2)
-        out_rows = (row + np.arange(n)) // s
-        starts = np.flatnonzero(np.r_[True, out_rows[1:] != out_rows[:-1]])
-        self.sums[:, out_rows[starts]] += np.add.reduceat(rgb, starts, axis=1)
-        self.counts[out_rows[starts]] += np.add.reduceat(ok, starts, axis=0)
+        if self.nodata == 0:  # a nodata pixel is 0 in every band, so its true colour adds nothing as it is
+            valid = np.bitwise_or.reduce(data, axis=0) != 0
+            rgb = data[self.idx]
+        else:
+            valid = np.any(data != self.nodata, axis=0)
+            rgb = data[self.idx] * valid
+        # Integer sums, rows first (whole rows at a time), then the s-fold fewer rows in groups of columns.
+        first = row // self.scale
+        rgb, ok = _group_sums(rgb, row % self.scale, self.scale), _group_sums(valid, row % self.scale, self.scale)
+        self.sums[:, first:first + ok.shape[0]] += rgb
+        self.counts[first:first + ok.shape[0]] += ok
 
     def image(self) -> np.ndarray | None:
         """``(h, w, 3)`` float 0-1, each band stretched between its 2nd and 98th percentile; nodata white."""
@@ -62,6 +63,18 @@ class TrueColour:
                 out[..., i] = np.clip((mean[i] - lo) / max(hi - lo, 1), 0, 1)
         out[~valid] = 1.0
         return out
+
+
+def _group_sums(a: np.ndarray, phase: int, s: int) -> np.ndarray:
+    """Sums of ``a`` (``(..., rows, cols)``) over blocks of ``s`` x ``s``, the first block row short by ``phase`` rows
+    and the last block column by what the width leaves over."""
+    rows, cols = a.shape[-2:]
+    padded = np.zeros((*a.shape[:-2], -(-(phase + rows) // s) * s, -(-cols // s) * s), np.uint32)
+    padded[..., phase:phase + rows, :cols] = a
+    out = padded[..., 0::s, :].copy()  # strided adds: much faster than a reduction over a short axis
+    for k in range(1, s):
+        out += padded[..., k::s, :]
+    return out.reshape(*out.shape[:-1], -1, s).sum(axis=-1)
 
 
 def tapped(strips: Iterable[tuple[int, np.ndarray]], sink: Callable[[int, np.ndarray], None]

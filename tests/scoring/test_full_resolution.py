@@ -87,7 +87,8 @@ def test_a_boundary_between_stride_cells_lands_where_it_is_not_on_the_cell_grid(
     assert abs(edges[True] - boundary) < abs(edges[False] - boundary)
 
 
-def test_the_quicklooks_true_colour_is_built_from_the_strips_scoring_reads(tmp_path):
+@pytest.mark.parametrize("nodata", [0, 5])
+def test_the_quicklooks_true_colour_is_built_from_the_strips_scoring_reads(tmp_path, nodata):
     from types import SimpleNamespace
 
     from geoclip.bands import ALL_BAND_NAMES
@@ -95,13 +96,14 @@ def test_the_quicklooks_true_colour_is_built_from_the_strips_scoring_reads(tmp_p
 
     h, w, scale = 2100, 1030, 3  # 2100 px -> 3 px per quick-look pixel (1024 max), columns padded
     data = np.random.default_rng(0).integers(1, 3000, size=(13, h, w)).astype(np.uint16)
-    data[:, :300, :200] = 0  # nodata
+    data[:, :300, :200] = nodata
+    data[:2, 400:410, 500:510] = nodata  # nodata in some bands only: valid, and summed as it is
     src = SimpleNamespace(model_bands=list(ALL_BAND_NAMES), height=h, width=w)
-    colour = TrueColour(src)
+    colour = TrueColour(src, nodata)
     for r0 in range(0, h, 256):  # strips as scan_windows reads them
         colour.add(r0, data[:, r0:r0 + 256])
     rgb = data[[ALL_BAND_NAMES.index(b) for b in ("B04", "B03", "B02")]].astype(float)
-    valid = (data != 0).any(axis=0)
+    valid = (data != nodata).any(axis=0)
     pad = (-h % scale, -w % scale)
     sums = np.pad(rgb * valid, ((0, 0), (0, pad[0]), (0, pad[1]))).reshape(3, -1, scale, colour.sums.shape[2], scale)
     counts = np.pad(valid, ((0, pad[0]), (0, pad[1]))).reshape(-1, scale, colour.sums.shape[2], scale).sum(axis=(1, 3))
