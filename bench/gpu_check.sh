@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for geoclip (issue 4): environment, CUDA training smoke (+ `pytest -m gpu` if any such
 # tests exist), then the training-throughput bench (resnet18/resnet50, 64 px, 13 bands, bf16, channels_last,
-# batch 256..4096, torch.compile off/on). Results go to $OUT/gpu_check.tar.gz (+ the log); every step runs under `timeout` and the step
+# batch 256..4096, torch.compile off/on, resnet18 with reduce-overhead). Results go to $OUT/gpu_check.tar.gz (+ the log); every step runs under `timeout` and the step
 # limits add up to 540 s, so one device call with timeout_s=600 covers it.
 #
 #   bash bench/gpu_check.sh                  # on the device, in the repo root ($OUT set by the device tool)
@@ -107,6 +107,9 @@ step eager_resnet50 "${T_EAGER50:-120}" "$PY" bench/train_throughput.py --models
   --compile off --out "$RES/throughput_resnet50_eager.json"
 step compile_resnet18 "${T_COMP18:-100}" "$PY" bench/train_throughput.py --models resnet18 \
   --batch-sizes $COMPILE_BATCHES --compile on --out "$RES/throughput_resnet18_compile.json"
+# train.compile: reduce-overhead (CUDA graphs): the launch-bound small batches are where it should help most.
+step compile_ro_resnet18 "${T_COMPRO:-100}" "$PY" bench/train_throughput.py --models resnet18 \
+  --batch-sizes $COMPILE_BATCHES --compile reduce-overhead --out "$RES/throughput_resnet18_reduce_overhead.json"
 step compile_resnet50 "${T_COMP50:-120}" "$PY" bench/train_throughput.py --models resnet50 \
   --batch-sizes $COMPILE_BATCHES --compile on --out "$RES/throughput_resnet50_compile.json"
 

@@ -51,12 +51,14 @@ def make_model(name: str, n_classes: int = N_CLASSES, seed: int = 0, loss: str =
 
 
 def make_step(model: GeoCLIP, x: torch.Tensor, labels: torch.Tensor, bf16: bool, channels_last: bool,
-              compiled: bool, loss: str, total_steps: int):
+              compiled: str, loss: str, total_steps: int):
     """A closure running training's step on ``x`` with training's optimiser and schedule; returns the loss."""
     opt = make_optimizer(model, LR, WEIGHT_DECAY)
     sched = lr_schedule(opt, total_steps, WARMUP_FRACTION)
     step_module = EmbeddingStep(model)
-    fwd = torch.compile(step_module, dynamic=False) if compiled else step_module
+    # train.compile's modes ("on" = "default"); on the CPU too, unlike training, to measure what it would give.
+    mode = None if compiled in ("on", "default") else compiled
+    fwd = step_module if compiled == "off" else torch.compile(step_module, mode=mode, dynamic=False)
     cls_idx = torch.arange(len(model.cfg.class_names), device=x.device)
     gen = torch.Generator().manual_seed(0)
 
@@ -122,7 +124,7 @@ def device_peak(device: torch.device, bf16: bool, override: float) -> tuple[floa
     return None, f"unknown peak for {name} ({'bf16' if bf16 else 'fp32'}): pass --peak-tflops"
 
 
-def measure(name: str, batch: int, device: torch.device, bf16: bool, channels_last: bool, compiled: bool,
+def measure(name: str, batch: int, device: torch.device, bf16: bool, channels_last: bool, compiled: str,
             steps: int, warmup: int, flops: int | None, loss: str = "clip") -> dict:
     """One configuration's step time, images/s and FLOPs per step (``flops`` reused when given)."""
     torch._dynamo.reset()  # a fresh compile per configuration; no recompile limits across shapes
@@ -134,7 +136,7 @@ def measure(name: str, batch: int, device: torch.device, bf16: bool, channels_la
         model = model.to(memory_format=torch.channels_last)
     total = warmup + steps + 1  # the schedule spans every step run here (the flop count's included)
     if flops is None:
-        flops = count_flops(make_step(model, x, labels, bf16, channels_last, False, loss, total))
+        flops = count_flops(make_step(model, x, labels, bf16, channels_last, "off", loss, total))
     step = make_step(model, x, labels, bf16, channels_last, compiled, loss, total)
     sync(device)
     t0 = time.perf_counter()
@@ -167,20 +169,20 @@ def run_bench(args, device: torch.device) -> list[dict]:
            "steps": args.steps, "warmup": args.warmup, "loss": args.loss}
     print(f"# {env['device']} | torch {env['torch']} | threads {env['threads']} | {env['precision']} | "
           f"channels_last {env['channels_last']} | loss {args.loss} | peak {peak} TFLOP/s ({source})")
-    print(f"{'model':10} {'batch':>6} {'compile':>7} {'img/s':>10} {'step ms':>9} {'GFLOP/step':>11} "
+    print(f"{'model':10} {'batch':>6} {'compile':>15} {'img/s':>10} {'step ms':>9} {'GFLOP/step':>11} "
           f"{'TFLOP/s':>8} {'%peak':>6} {'1st step s':>10} {'cpu util':>8}")
     rows: list[dict] = []
     for name in args.models:
         for batch in args.batch_sizes:
             flops = None
             for mode in args.compile:
-                row = {"model": name, "batch": batch, "compile": mode == "on", **env}
+                row = {"model": name, "batch": batch, "compile": mode, **env}
                 try:
-                    row |= measure(name, batch, device, bf16, env["channels_last"], mode == "on", args.steps,
+                    row |= measure(name, batch, device, bf16, env["channels_last"], mode, args.steps,
                                    args.warmup, flops, args.loss)
                 except Exception as exc:  # noqa: BLE001 - an OOM or a compile failure costs one row, not the run
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-                    print(f"{name:10} {batch:>6} {mode:>7} failed: {row['error']}")
+                    print(f"{name:10} {batch:>6} {mode:>15} failed: {row['error']}")
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 else:
@@ -188,7 +190,7 @@ def run_bench(args, device: torch.device) -> list[dict]:
                     row["achieved_tflops"] = flops / row["step_s"] / 1e12
                     row["fraction_of_peak"] = row["achieved_tflops"] / peak if peak else None
                     frac = f"{100 * row['fraction_of_peak']:.1f}" if peak else "n/a"
-                    print(f"{name:10} {batch:>6} {mode:>7} {row['images_per_s']:>10.1f} {1e3 * row['step_s']:>9.1f} "
+                    print(f"{name:10} {batch:>6} {mode:>15} {row['images_per_s']:>10.1f} {1e3 * row['step_s']:>9.1f} "
                           f"{flops / 1e9:>11.1f} {row['achieved_tflops']:>8.3f} {frac:>6} {row['first_step_s']:>10.1f} "
                           f"{row['process_cpu_util']:>8.2f}", flush=True)
                 rows.append(row)
@@ -257,7 +259,8 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                     help="default: 32 64 128 on CPU, 256 512 1024 2048 4096 on CUDA")
-    ap.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"])
+    ap.add_argument("--compile", nargs="+", choices=["off", "on", "default", "reduce-overhead", "max-autotune"],
+                    default=["off", "on"], help="train.compile modes to time (on = default)")
     ap.add_argument("--loss", choices=sorted(LOSSES), default="clip", help="train.loss (siglip trains the bias)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on CUDA)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps incl. the first (default: 1 CPU, 5 CUDA)")

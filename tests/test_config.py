@@ -45,6 +45,9 @@ def test_int_is_widened_to_float():
     ({"train": {"max_restarts": -1}}, "train.max_restarts: -1; expected a number >= 0"),
     ({"train": {"join_timeout": 0}}, "train.join_timeout: 0; expected a number > 0 (seconds)"),
     ({"score": {"read_workers": -2}}, "score.read_workers: -2; expected a number of threads, or 0"),
+    ({"train": {"lr_scaling": "quadratic"}}, "train.lr_scaling: 'quadratic'; expected one of none, sqrt, linear"),
+    ({"train": {"lr_base_batch": 0}}, "train.lr_base_batch: 0; expected a number >= 1"),
+    ({"train": {"compile": "on"}}, "train.compile: 'on'; expected one of off, default, reduce-overhead, max-autotune"),
 ])
 def test_bad_params_name_the_field(data, fragment):
     with pytest.raises(GeoclipError, match=None) as info:
@@ -79,3 +82,11 @@ def test_env_tracking_uri_wins(monkeypatch):
     assert params.mlflow.resolved_tracking_uri() == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert params.mlflow.resolved_tracking_uri() == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(("scaling", "factor"), [("none", 1.0), ("sqrt", 2.0), ("linear", 4.0)])
+def test_the_learning_rate_scales_with_the_batch_from_its_base(scaling, factor):
+    train = params_from_dict({"train": {"lr": 0.001, "batch_size": 512, "lr_base_batch": 128,
+                                        "lr_scaling": scaling}}).train
+    assert train.scaled_lr() == pytest.approx(0.001 * factor)
+    assert params_from_dict({}).train.scaled_lr() == 0.001  # the default: lr as written

@@ -23,7 +23,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
 # Settings a resumed run may change: they do not alter the sequence of weights (threads only change speed).
 RESUMABLE_CHANGES = {"train.checkpoint_every", "train.num_threads", "train.patience", "train.nproc_per_node",
-                     "train.nnodes", "train.max_restarts", "train.join_timeout", "train.dask_address"}
+                     "train.nnodes", "train.max_restarts", "train.join_timeout", "train.dask_address", "train.compile"}
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:

@@ -238,6 +238,18 @@ def _launch_of(path: Path) -> str | None:
 
 
 
+def compiled(step_module: nn.Module, mode: str, device: torch.device, rank: int = 0) -> nn.Module:
+    """``step_module`` compiled in ``mode`` (train.compile) on a GPU; as it is when off, or on the CPU (said once)."""
+    if mode == "off":
+        return step_module
+    if device.type != "cuda":
+        if rank == 0:
+            print(f"train.compile: {mode!r} is for GPUs; training on the CPU without compiling", file=sys.stderr)
+        return step_module
+    # dynamic=False: one graph per batch shape (the full batch, and at most one short last batch per epoch).
+    return torch.compile(step_module, mode=mode, dynamic=False)
+
+
 def _train_batches(run: _Run, prog: _Progress, batches: list[torch.Tensor]) -> None:
     """Run this epoch's remaining batches (from ``prog.batch``), checkpointing every ``checkpoint_every`` steps."""
     cfg, device = run.params.train, run.device
@@ -425,7 +437,7 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     ckpt = _read_resume(ckpt_path, fp, resume, rank, world, launch_id)
     seed_everything(cfg.seed)
     model = _seeded_model(params, mcfg, device)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    opt = make_optimizer(model, cfg.scaled_lr(), cfg.weight_decay)
     rows, val_rows = kept_rows(train_data.labels, classes), kept_rows(val_data.labels, classes)
     origins = split_origins(params.paths.prepared, "train")
     is_real = np.zeros(len(rows), dtype=bool) if origins is None else origins[rows] == "real"
@@ -447,6 +459,7 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device] if device.type == "cuda" else None)
+    step_module = compiled(step_module, cfg.compile, device, rank)
     tiles = _tiles(params, train_data, rows, device)
     labels = torch.from_numpy(train_labels).to(device)
     caption_ids, caption_features = _captions(params, rows, device)

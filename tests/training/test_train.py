@@ -103,6 +103,23 @@ def test_same_seed_same_weights(tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def test_a_scaled_learning_rate_trains_as_that_rate_written_out_and_cpu_runs_skip_compiling(tmp_path, capsys):
+    """lr 0.001 at base batch 16, linear, batch 32 == lr 0.002 as is; train.compile is said to be skipped on the CPU."""
+    make_packs(tmp_path / "prepared", per_class=12)
+    states = []
+    for name, opts in (("written", {"lr": 0.002}),
+                       ("scaled", {"lr": 0.001, "lr_scaling": "linear", "lr_base_batch": 16,
+                                   "compile": "reduce-overhead"})):
+        d = tiny_params_dict(tmp_path, epochs=1, batch_size=32, **opts)
+        d["paths"]["model"] = str(tmp_path / name)
+        with own_tracking_store():
+            train(params_from_dict(d))
+        states.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert "train.compile: 'reduce-overhead' is for GPUs; training on the CPU without compiling" in \
+        capsys.readouterr().err
+
+
 def test_real_share_and_sentinel2_augmentation_train_reproducibly(tmp_path):
     """The real-tile recipe (real share of each batch, offsets, noise, crops) is seeded like the rest; it changes
     what training sees (other weights than the plain recipe)."""
