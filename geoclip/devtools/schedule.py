@@ -9,10 +9,13 @@ deployments and their schedule stay on the server, so a later ``geoclip schedule
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -67,6 +70,23 @@ def prefect_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float 
     return done.stdout
 
 
+def ensure_pool(api_url: str, env: dict[str, str], project: Path, pool: str = POOL) -> None:
+    """Create the process work pool ``pool`` unless it exists; one of another type is an error, and an existing
+    process pool is kept as its owner configured it (never overwritten)."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/work_pools/{pool}", timeout=30) as r:
+            pool_type = json.loads(r.read())["type"]
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise GeoclipError(f"{api_url}: reading work pool {pool!r} failed (HTTP {exc.code})") from None
+        prefect_cli(["work-pool", "create", pool, "--type", "process"], env, project)
+        return
+    if pool_type != "process":
+        raise GeoclipError(f"work pool {pool!r} on {api_url} is of type {pool_type!r}; prefect.yaml's deployments "
+                           f"need a process pool of that name: delete it (`prefect work-pool delete {pool}`) or use "
+                           "another server")
+
+
 def server_for(api_url: str | None, state: Path, port: int) -> tuple[str, Server | None]:
     """The API URL to use and the server to start for it (None: the one ``PREFECT_API_URL`` names answers)."""
     if api_url:
@@ -111,8 +131,7 @@ def run_schedule(project: str | Path = ".", state: str | Path = ".services", por
         with running(*([server] if server else []), timeout=timeout):
             where = f"started on {api_url}, log {state / 'prefect.log'}" if server else f"at {api_url}"
             print(f"Prefect server {where}", flush=True)
-            # --overwrite: the pool may exist from an earlier start; a process pool's defaults are all it needs.
-            prefect_cli(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env, project)
+            ensure_pool(api_url, env, project)
             prefect_cli(["--no-prompt", "deploy", "--all"], env, project)
             print(f"deployed {project / 'prefect.yaml'}: {SCORING} on cron {params.score.cron!r} (UTC), "
                   "geoclip-training/training on demand", flush=True)

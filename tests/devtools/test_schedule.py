@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import queue
 import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -19,7 +21,9 @@ import yaml
 from factories import REPO, prefect_api, scoring_project, wait_for_final_run
 
 from geoclip.cli import main
+from geoclip.devtools.schedule import ensure_pool
 from geoclip.devtools.services import answers, free_port
+from geoclip.errors import GeoclipError
 
 READY = "Ctrl-C stops the worker"
 
@@ -53,6 +57,7 @@ def test_schedule_deploys_runs_a_worker_scores_and_stops_everything(tmp_path, ml
         assert done.returncode == 0, done.stdout + done.stderr
         run = wait_for_final_run(api, "geoclip-scoring/scheduled-scoring", timeout=420)
         deployments = {d["name"]: d for d in prefect_api(api, "deployments/filter", {})}
+        pools_kept_or_refused(api, project, env | {"PREFECT_API_URL": api})
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(60)
@@ -70,6 +75,20 @@ def test_schedule_deploys_runs_a_worker_scores_and_stops_everything(tmp_path, ml
     assert code == 0 and printed.rstrip().endswith("stopped"), printed
     assert not answers(f"{api}/health")
     assert started and not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def pools_kept_or_refused(api: str, project: Path, env: dict[str, str]) -> None:
+    """On the live server: a configured process pool is kept, a missing one made, one of another type refused."""
+    req = urllib.request.Request(f"{api}/work_pools/local", data=json.dumps({"concurrency_limit": 3}).encode(),
+                                 method="PATCH", headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).close()
+    ensure_pool(api, env, project)
+    assert prefect_api(api, "work_pools/local")["concurrency_limit"] == 3  # the owner's setting, not overwritten
+    ensure_pool(api, env, project, "fresh")
+    assert prefect_api(api, "work_pools/fresh")["type"] == "process"
+    prefect_api(api, "work_pools/", {"name": "elsewhere", "type": "kubernetes", "base_job_template": {}})
+    with pytest.raises(GeoclipError, match="work pool 'elsewhere' on .* is of type 'kubernetes'; prefect.yaml"):
+        ensure_pool(api, env, project, "elsewhere")
 
 
 def project_copy(tmp_path: Path, cron: str) -> Path:
