@@ -389,7 +389,11 @@ def test_memory_follows_the_strip_not_the_scene(tmp_path):
         # bounds them for many readers, whose lead over the consumer varies with timing).
         peaks[h] = peak_traced_bytes(score_scene, fake_predict, scene, tmp_path / f"out_{h}", CLASSES,
                                      batch_size=32, quicklook=False, probabilities=True, read_workers=1)
-    assert peaks[4096] < 1.15 * peaks[1024], peaks  # 4x the rows (several 256-row strips each), about the same peak
+    # 4x the rows (several 256-row strips each), about the same peak: at most the blended parts the writer's queue
+    # holds (two, one being made, one being written: class map + probabilities of a strip each), which a 1024-row
+    # scene may or may not fill, depending on thread timing. The whole class map and probabilities would be 8.6 MB.
+    in_flight = 4 * (1 + len(CLASSES)) * 256 * 192
+    assert peaks[4096] < 1.15 * peaks[1024] + in_flight, peaks
     assert peaks[4096] < 13 * 4096 * 192 * 2, peaks  # never the whole scene in memory
 
 
