@@ -210,7 +210,7 @@ def cmd_schedule(args) -> None:
     if args.params != PARAMS:  # the deployments name their params file; another one here would be silently unused
         raise GeoclipError(f"--params {args.params}: prefect.yaml's deployments read {PARAMS} of the project folder "
                            "(--project); edit that file instead")
-    run_schedule(args.project, args.dir, args.prefect_port)
+    run_schedule(args.project, args.dir or Path(args.project) / ".services", args.prefect_port)
     print("stopped")
 
 
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_services)
     p = sub.add_parser("schedule", help=cmd_schedule.__doc__, parents=[common])
     p.add_argument("--project", default=".", help="folder of prefect.yaml and params.yaml (default: .)")
-    p.add_argument("--dir", default=".services", help="the server's state and the logs (default: .services)")
+    p.add_argument("--dir", default=None, help="the server's state and the logs (default: .services of the project)")
     p.add_argument("--prefect-port", type=int, default=4200, help="port of the server started here (default: 4200)")
     p.set_defaults(func=cmd_schedule)
     return parser

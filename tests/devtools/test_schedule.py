@@ -104,6 +104,8 @@ def test_schedule_refuses_a_cron_that_differs_from_params(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "prefect.yaml: scheduled-scoring's cron '0 3 * * *' differs from" in err and "'0 4 * * *'" in err
     assert not (tmp_path / "state").exists()  # refused before starting anything
+    assert main(["schedule", "--project", str(project)]) == 2  # without --dir: nothing made in the project either
+    assert not (project / ".services").exists()
 
 
 def test_schedule_refuses_a_server_that_does_not_answer_and_a_port_taken(tmp_path, capsys, monkeypatch):
