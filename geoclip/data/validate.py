@@ -6,6 +6,7 @@ import html
 import json
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -252,7 +253,11 @@ def publish_results(suites: list[dict], reports_dir: str | Path, site: str = DOC
                 ctx.validation_results_store.store_validation_results(result, key, suite_id)
                 write_json(tmp / SITE_RESULTS / f"{name}.json", item)
             ctx.build_data_docs(site_names=[site])
-            make_offline(tmp)  # GX links its CSS and JS from CDNs: the site must render with no network
+            # GX links its CSS and JS from CDNs: the site must render with no network.
+            remote = make_offline(tmp)
+            if remote:  # a GX upgrade that links an asset with no vendored copy: the page still needs the network
+                print(f"Data Docs: no local copy of {', '.join(remote)} (geoclip/data/docs_offline.py CDN_ASSETS)",
+                      file=sys.stderr)
             pages = {name: page.relative_to(tmp) for name in saved
                      for page in sorted((tmp / "validations" / name).rglob("*.html"))[:1]}
     return {"index": str(target / "index.html"), **{name: str(target / rel) for name, rel in pages.items()}}

@@ -62,8 +62,11 @@ def _under(project: Path, path: str) -> str:
 
 def prefect_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> str:
     """Run ``prefect ARGS`` to its end; its output, or GeoclipError with its last lines."""
-    done = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+    try:
+        done = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise GeoclipError(f"`prefect {' '.join(args)}` did not finish within {timeout:g} s") from None
     if done.returncode != 0:
         tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
         raise GeoclipError(f"`prefect {' '.join(args)}` failed (exit {done.returncode}): {scrub(tail)}")

@@ -131,8 +131,8 @@ def describe(params: Params, tags: dict[str, str], metrics: dict[str, float], co
         + f"; {gate['reason']}; git {tags['git_revision'][:12]}; data {tags.get('data_version', 'unknown')[:12]}.",
         (f"Data: data_version {tags.get('data_version', 'unknown')}; tiles {tiles}; "
          f"{len(params.bands)} bands {' '.join(params.bands)}."),
-        (f"Params: encoder {t.image_encoder}, loss {t.loss}, epochs {t.epochs}, batch {t.batch_size}, lr {t.lr:g}, "
-         f"embed_dim {t.embed_dim}, holdout_class {tags.get(HOLDOUT_TAG, 'none')}; "
+        (f"Params: encoder {t.image_encoder}, loss {t.loss}, epochs {t.epochs}, batch {t.batch_size}, "
+         f"lr {lr_text(t)}, embed_dim {t.embed_dim}, holdout_class {tags.get(HOLDOUT_TAG, 'none')}; "
          f"params_hash {tags['params_hash'][:12]} (sha256 of {'/'.join(MODEL_SECTIONS)})."),
         "Metrics: " + (", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) or "none") + ".",
         f"Gate: {gate['alias']}: {gate['reason']}.",
@@ -171,6 +171,13 @@ def earlier_result(params: Params, version) -> dict:
               "model_uri": f"models:/{cfg.model_name}/{version.version}"}
     write_json(path, result)
     return result
+
+
+def lr_text(train) -> str:
+    """The learning rate the run trained at, and where it came from when it was scaled to the batch."""
+    if train.lr_scaling == "none":
+        return f"{train.lr:g}"
+    return f"{train.scaled_lr():g} ({train.lr_scaling} from {train.lr:g} at batch {train.lr_base_batch})"
 
 
 def _log_and_register(params: Params, client: MlflowClient, run_id: str, value: float,

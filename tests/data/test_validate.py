@@ -91,6 +91,19 @@ def test_data_docs_load_every_script_style_and_image_from_the_site(dataset):
     assert (docs / "static" / "vendor" / "licenses" / "jquery.txt").is_file()
 
 
+def test_data_docs_name_an_asset_with_no_local_copy(dataset, monkeypatch, capsys):
+    """A GX upgrade linking an asset not vendored: the build says which, and the page keeps the remote link."""
+    from geoclip.data import docs_offline
+
+    jquery = "https://code.jquery.com/jquery-3.7.1.min.js"
+    monkeypatch.delitem(docs_offline.CDN_ASSETS, jquery)
+    data, _ = dataset
+    params = params_from_dict(data)
+    validate(params)
+    assert f"Data Docs: no local copy of {jquery}" in capsys.readouterr().err
+    assert jquery in (Path(params.paths.reports) / "data_docs" / "index.html").read_text()
+
+
 def _out_of_range(p: Path) -> None:
     data = np.full((13, 64, 64), 1000, dtype=np.uint16)
     data[0, 0, 0] = 40000

@@ -21,7 +21,7 @@ import yaml
 from factories import REPO, prefect_api, scoring_project, wait_for_final_run
 
 from geoclip.cli import main
-from geoclip.devtools.schedule import ensure_pool
+from geoclip.devtools.schedule import ensure_pool, prefect_cli
 from geoclip.devtools.services import answers, free_port
 from geoclip.errors import GeoclipError
 
@@ -150,3 +150,8 @@ class _Healthy(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         """Quiet."""
+
+
+def test_a_prefect_command_that_hangs_is_a_one_line_error(tmp_path):
+    with pytest.raises(GeoclipError, match=r"`prefect version` did not finish within 0.01 s"):
+        prefect_cli(["version"], dict(os.environ), tmp_path, timeout=0.01)

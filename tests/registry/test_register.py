@@ -30,7 +30,7 @@ from geoclip.registry.aliases import (
     rollback,
 )
 from geoclip.registry.integrity import DIGEST_TAG, logged_model_digest
-from geoclip.registry.register import params_hash, register
+from geoclip.registry.register import lr_text, params_hash, register
 from geoclip.registry.tracking import configure, write_run_info
 
 
@@ -379,3 +379,9 @@ def test_concurrent_gates_never_both_take_the_empty_champion_seat(params):
     assert [float(setup.get_model_version(name, v).tags["val_top1"]) for v in history] == sorted(
         float(setup.get_model_version(name, v).tags["val_top1"]) for v in history)
     assert not [m for m in setup.search_registered_models() if m.name == name + ".alias-lock"]  # released
+
+
+def test_the_description_gives_the_learning_rate_the_run_trained_at():
+    assert lr_text(params_from_dict({"train": {"lr": 0.001}}).train) == "0.001"
+    scaled = params_from_dict({"train": {"lr": 0.001, "batch_size": 512, "lr_scaling": "sqrt"}}).train
+    assert lr_text(scaled) == "0.002 (sqrt from 0.001 at batch 128)"
