@@ -112,7 +112,8 @@ class ProductReader:
     Quacks like the part of a rasterio dataset that scoring uses (size, CRS, transform, ``read``).
     """
 
-    def __init__(self, product: Product, model_bands: list[str] | tuple[str, ...], opts: ReadOptions):
+    def __init__(self, product: Product, model_bands: list[str] | tuple[str, ...], opts: ReadOptions,
+                 check: bool = True):
         self.product, self.opts, self.model_bands = product, opts, list(model_bands)
         self.fill = {b: int(v) for b, v in opts.band_fill.items() if b in self.model_bands and b not in product.bands}
         read = [b for b in self.model_bands if b not in self.fill]
@@ -165,10 +166,16 @@ class ProductReader:
             self.dtypes = ("uint16",) * self.count
             self.descriptions = tuple(self.model_bands)
             self.resolution = abs(ref.transform.a)
-            self._check_plausible()
+            if check:
+                self._check_plausible()
         except BaseException:
             self.close()  # a refused product leaves no file open
             raise
+
+    def reopen(self) -> ProductReader:
+        """Another handle on the same product, for another thread (a GDAL dataset must not be shared): its files
+        opened again, the product neither resolved nor checked again."""
+        return ProductReader(self.product, self.model_bands, self.opts, check=False)
 
     def _units(self, read: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per read band: DN = value x gain + bias (the declaration wins over the product's metadata)."""

@@ -14,9 +14,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
-from typing import ContextManager
 
 import numpy as np
 
@@ -155,8 +155,8 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
             writer[0].add(where, emb)
 
         colour = TrueColour(src, nodata) if quicklook else None
-        strips = read_ahead(lambda: open_product(str(scene), bands, read), src.height, src.width,
-                            strip_rows(src, window), read_workers or available_cores(), env=lambda: scene_env(*uris))
+        strips = read_ahead(src.reopen, src.height, src.width, strip_rows(src, window),
+                            read_workers or available_cores(), env=lambda: scene_env(*uris))
         if colour is not None:
             strips = tapped(strips, colour.add)
         rows = in_background(blend_rows(predict_fn, src, len(class_names), window, stride, batch_size, nodata,
@@ -289,7 +289,7 @@ def scoring_identity(model_uri: str, classes: dict[str, list[str]] | None) -> st
 
 
 def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: str | None = None,
-              checked: bool = False, publishing: Callable[[], ContextManager] = contextlib.nullcontext,
+              checked: bool = False, publishing: Callable[[], AbstractContextManager] = contextlib.nullcontext,
               progress: Callable[[], None] = lambda: None) -> dict:
     """Score one local or S3 scene with a loaded pyfunc; write outputs to a local folder or S3 prefix.
 

@@ -14,7 +14,7 @@ from rasterio.transform import from_origin
 from s2_products import SIZE_10M, band_value, per_band_folder, safe_product, stac_item, write_band
 
 from geoclip.bands import ALL_BAND_NAMES, canonical_band
-from geoclip.data.product_reader import ReadOptions, open_product
+from geoclip.data.product_reader import ProductReader, ReadOptions, open_product
 from geoclip.data.products import discover_inputs, input_stem, resolve
 from geoclip.errors import GeoclipError
 from geoclip.scoring.ledger import content_hash
@@ -130,6 +130,26 @@ def test_a_safe_l2a_product_applies_its_offset_and_masks_its_scl_classes(tmp_pat
     with open_product(str(safe), ALL_BAND_NAMES, ReadOptions(band_fill={"B10": 12}, mask="none")) as src:
         assert (src.read()[:, :20, :20] != 0).all()  # score.mask none
     assert input_stem(str(safe)).startswith("S2B_MSIL2A_20240601") and not input_stem(str(safe)).endswith("SAFE")
+
+
+def test_another_handle_reads_the_same_pixels_without_resolving_or_checking_again(tmp_path, monkeypatch):
+    scl = np.full((96, 96), 4, np.uint8)
+    scl[:10, :10] = 9
+    safe = safe_product(tmp_path, scl=scl)
+    with open_product(str(safe), ALL_BAND_NAMES, FILL) as src:
+        expected_pixels = src.read()
+
+        def refuse(*_):
+            raise AssertionError("resolved or checked again")
+
+        # Scoring's reader threads each take a handle: the product was resolved and its values checked once.
+        monkeypatch.setattr("geoclip.data.products.resolve", refuse)
+        monkeypatch.setattr(ProductReader, "_check_plausible", refuse)
+        with src.reopen() as other:
+            np.testing.assert_array_equal(other.read(), expected_pixels)  # offset and SCL mask applied alike
+            assert other._sources[0][0].ds is not src._sources[0][0].ds  # a GDAL dataset of its own
+        assert not src._sources[0][0].ds.closed  # closing the other handle leaves this one open
+        np.testing.assert_array_equal(src.read(), expected_pixels)
 
 
 def test_an_old_baseline_l1c_safe_reads_as_it_is(tmp_path):
