@@ -5,9 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import shutil
+import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -194,12 +198,25 @@ def scoring_project(root: Path, tracking_uri: str, model: str) -> Path:
     return project
 
 
-def prefect_api(api_url: str, path: str, body: dict | None = None) -> object:
-    """GET (or, with ``body``, POST) one route of a Prefect server's REST API; the decoded JSON."""
+def prefect_api(api_url: str, path: str, body: dict | None = None, method: str | None = None) -> object:
+    """GET (or, with ``body``, POST or ``method``) one route of a Prefect server's REST API; the decoded JSON.
+
+    A 503 is retried, as Prefect's own client does: a SQLite-backed server answers it when its database is locked
+    by another writer (the worker, a finishing run)."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"{api_url}/{path}", data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    tries = 6
+    for attempt in range(tries):
+        req = urllib.request.Request(f"{api_url}/{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+            return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == tries - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    return None
 
 
 FINAL = ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]
@@ -216,3 +233,19 @@ def wait_for_final_run(api_url: str, deployment: str, timeout: float) -> dict:
             return runs[0]
         time.sleep(2)
     raise AssertionError(f"no run of {deployment} on {api_url} finished within {timeout:g} s")
+
+
+def follow(proc: subprocess.Popen, seen: list[str] | None = None) -> tuple[queue.Queue, list[str]]:
+    """Every line ``proc`` prints (text stdout), as it prints it: a queue ending with None, and ``seen``, the list
+    of all lines so far (a new one when not given)."""
+    seen = [] if seen is None else seen
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            seen.append(line)  # before the queue: a line taken from the queue is already in ``seen``
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines, seen

@@ -14,8 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -76,12 +74,12 @@ def prefect_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float 
 def ensure_pool(api_url: str, env: dict[str, str], project: Path, pool: str = POOL) -> None:
     """Create the process work pool ``pool`` unless it exists; one of another type is an error, and an existing
     process pool is kept as its owner configured it (never overwritten)."""
+    # Through Prefect's client (its CLI): a busy SQLite server answers 503 "database is locked", which it retries.
     try:
-        with urllib.request.urlopen(f"{api_url}/work_pools/{pool}", timeout=30) as r:
-            pool_type = json.loads(r.read())["type"]
-    except urllib.error.HTTPError as exc:
-        if exc.code != 404:
-            raise GeoclipError(f"{api_url}: reading work pool {pool!r} failed (HTTP {exc.code})") from None
+        pool_type = json.loads(prefect_cli(["work-pool", "inspect", pool, "--output", "json"], env, project))["type"]
+    except GeoclipError as exc:
+        if f"Work pool {pool!r} not found" not in str(exc):
+            raise
         prefect_cli(["work-pool", "create", pool, "--type", "process"], env, project)
         return
     if pool_type != "process":

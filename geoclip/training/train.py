@@ -13,9 +13,10 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ContextManager, Protocol
+from typing import Protocol
 
 import numpy as np
 import timm
@@ -84,7 +85,7 @@ class NoRunLog:
 
 
 #: Opens (or, given the run id a checkpoint recorded, reopens) the run log; called on rank 0 only.
-OpenRunLog = Callable[[str | None], ContextManager[RunLog]]
+OpenRunLog = Callable[[str | None], AbstractContextManager[RunLog]]
 
 
 @contextlib.contextmanager

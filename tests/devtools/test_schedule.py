@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import http.server
-import json
 import os
-import queue
 import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import psutil
 import pytest
 import rasterio
 import yaml
-from factories import REPO, prefect_api, scoring_project, wait_for_final_run
+from factories import REPO, follow, prefect_api, scoring_project, wait_for_final_run
 
 from geoclip.cli import main
 from geoclip.devtools.schedule import ensure_pool, prefect_cli
@@ -36,16 +33,7 @@ def test_schedule_deploys_runs_a_worker_scores_and_stops_everything(tmp_path, ml
     proc = subprocess.Popen([sys.executable, "-m", "geoclip.cli", "schedule", "--dir", str(tmp_path / "state"),
                              "--prefect-port", str(port)], cwd=project, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines: queue.Queue = queue.Queue()
-    seen: list[str] = []
-
-    def pump() -> None:
-        for line in proc.stdout:
-            seen.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
+    lines, seen = follow(proc)
     api = f"http://127.0.0.1:{port}/api"
     try:
         while (line := lines.get(timeout=400)) is None or READY not in line:
@@ -79,9 +67,7 @@ def test_schedule_deploys_runs_a_worker_scores_and_stops_everything(tmp_path, ml
 
 def pools_kept_or_refused(api: str, project: Path, env: dict[str, str]) -> None:
     """On the live server: a configured process pool is kept, a missing one made, one of another type refused."""
-    req = urllib.request.Request(f"{api}/work_pools/local", data=json.dumps({"concurrency_limit": 3}).encode(),
-                                 method="PATCH", headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=30).close()
+    prefect_api(api, "work_pools/local", {"concurrency_limit": 3}, method="PATCH")
     ensure_pool(api, env, project)
     assert prefect_api(api, "work_pools/local")["concurrency_limit"] == 3  # the owner's setting, not overwritten
     ensure_pool(api, env, project, "fresh")

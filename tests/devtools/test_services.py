@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 import uuid
 from pathlib import Path
 
 import boto3
 import pytest
+from factories import follow
 from mlflow import MlflowClient
 
 from geoclip.devtools.services import (
@@ -43,16 +42,7 @@ def launch(state: Path, ports: dict[str, int], env: dict[str, str] | None = None
          str(ports["prefect"])], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=os.environ | (env or {}),
         preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
-    seen = [] if seen is None else seen
-    lines: queue.Queue = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.put(line)
-            seen.append(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
+    lines, seen = follow(proc, seen)
     env = {}
     while True:
         line = lines.get(timeout=400)
