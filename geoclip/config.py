@@ -115,6 +115,12 @@ class PrepareConfig:
 
 LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # exponent of batch_size / lr_base_batch
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# How and where training runs, not what it trains: dvc.yaml's train stage tracks every other train key, so changing
+# these (a faster setting, another cluster, more restarts) does not retrain. Threads and compilation can change float
+# rounding, not the recipe; the run's MLflow params record them all. World size (nproc_per_node, nnodes) is tracked:
+# it changes how the data is sharded and augmented.
+TRAIN_EXECUTION_KEYS = frozenset({"checkpoint_every", "num_threads", "compile", "max_restarts", "join_timeout",
+                                  "dask_address"})
 
 
 @dataclass(frozen=True)

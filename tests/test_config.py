@@ -1,10 +1,12 @@
 """Tests for geoclip.config: strict, typed params loading."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
-from geoclip.config import Params, load_params, params_from_dict
+from geoclip.config import TRAIN_EXECUTION_KEYS, Params, TrainConfig, load_params, params_from_dict
 from geoclip.errors import GeoclipError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,3 +92,14 @@ def test_the_learning_rate_scales_with_the_batch_from_its_base(scaling, factor):
                                         "lr_scaling": scaling}}).train
     assert train.scaled_lr() == pytest.approx(0.001 * factor)
     assert params_from_dict({}).train.scaled_lr() == 0.001  # the default: lr as written
+
+
+def test_dvc_tracks_every_train_key_but_how_training_runs():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]
+    tracked = {p.removeprefix("train.") for p in stage["params"] if p.startswith("train.")}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    # A new train key is tracked (it may change the model) unless it is declared one of how training runs.
+    assert tracked == fields - TRAIN_EXECUTION_KEYS, sorted(tracked ^ (fields - TRAIN_EXECUTION_KEYS))
+    assert TRAIN_EXECUTION_KEYS < fields and "train" not in stage["params"]
+    written = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    assert fields <= set(written), sorted(fields - set(written))  # DVC refuses a tracked key params.yaml lacks

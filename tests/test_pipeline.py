@@ -118,6 +118,23 @@ def test_second_repro_has_nothing_to_do(pipeline):
     assert "Running stage" not in again.stdout
 
 
+def test_how_training_runs_is_not_what_it_trains(pipeline):
+    work, env, _ = pipeline
+    path = work / "params.yaml"
+    before = path.read_text()
+    params = yaml.safe_load(before)
+    try:
+        params["train"].update(num_threads=1, compile="default", checkpoint_every=3, max_restarts=1)
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert "changed" not in run(["dvc", "status", "train"], work, env).stdout  # nothing to retrain
+        params["train"]["gain_noise"] = 0.1  # the recipe
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        status = run(["dvc", "status", "train"], work, env).stdout
+        assert "modified:" in status and "train.gain_noise" in status, status
+    finally:
+        path.write_text(before)
+
+
 def repro_with(pipeline, section: str, key: str, value) -> str:
     """Change one param in the copy's params.yaml, run `dvc repro`, return its output."""
     work, env, _ = pipeline
