@@ -8,10 +8,9 @@ batch buffer, and GDAL's cache is kept small: memory follows the strip and the b
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
@@ -62,24 +61,26 @@ def http_stall_options() -> dict[str, str]:
     return {k: v for k, v in HTTP_STALL_OPTIONS.items() if k not in os.environ}
 
 
-@contextlib.contextmanager
-def scene_env(*uris: str | Path | None) -> Iterator[None]:
+def scene_envs(*uris: str | Path | None) -> Callable[[], rasterio.Env]:
+    """A maker of rasterio environments for scoring ``uris`` (see :func:`scene_env`), for threads that each need
+    their own (GDAL settings are per thread): the S3 session and settings are made once, here, not per read."""
+    options: dict = {"GDAL_CACHEMAX": GDAL_CACHE_MB}
+    if not any(u is not None and s3.is_s3(u) for u in uris):
+        return lambda: rasterio.Env(**options)
+    import boto3
+    from rasterio.session import AWSSession
+
+    extra = gdal_s3_options() | http_stall_options()
+    session = AWSSession(boto3.Session(), endpoint_url=extra.pop("AWS_S3_ENDPOINT", None))
+    # EMPTY_DIR: no bucket listing to look for sidecar files on every open.
+    return lambda: rasterio.Env(session=session, GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", **options, **extra)
+
+
+def scene_env(*uris: str | Path | None) -> rasterio.Env:
     """A rasterio environment for scoring: a small GDAL block cache and, when any of ``uris`` is on S3, /vsis3/
     access with boto3's credentials (environment, profile or instance role), the endpoint from the environment and
     timeouts that end a stalled read (:data:`HTTP_STALL_OPTIONS`)."""
-    options: dict = {"GDAL_CACHEMAX": GDAL_CACHE_MB}
-    if any(u is not None and s3.is_s3(u) for u in uris):
-        import boto3
-        from rasterio.session import AWSSession
-
-        extra = gdal_s3_options() | http_stall_options()
-        session = AWSSession(boto3.Session(), endpoint_url=extra.pop("AWS_S3_ENDPOINT", None))
-        # EMPTY_DIR: no bucket listing to look for sidecar files on every open.
-        with rasterio.Env(session=session, GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", **options, **extra):
-            yield
-        return
-    with rasterio.Env(**options):
-        yield
+    return scene_envs(*uris)()
 
 
 def strip_rows(src, window: int) -> int:

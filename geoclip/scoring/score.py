@@ -34,7 +34,7 @@ from geoclip.scoring.embeddings import SUFFIX as EMBEDDINGS_SUFFIX
 from geoclip.scoring.embeddings import EmbeddingWriter
 from geoclip.scoring.pipeline import available_cores, in_background, read_ahead
 from geoclip.scoring.quicklook import TrueColour, tapped, write_quicklook
-from geoclip.scoring.scene_io import gdal_path, scene_env, strip_rows, window_starts  # noqa: F401
+from geoclip.scoring.scene_io import gdal_path, scene_env, scene_envs, strip_rows, window_starts  # noqa: F401
 
 SCENE_DTYPE = "uint16"  # what every input is read as: EuroSAT-like digital numbers (the scenes suite's dtype rule)
 SUMMARY_FILE = "summary.json"
@@ -137,7 +137,8 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
     truth = _find_truth(scene, truth)
     started = time.perf_counter()
     uris = (scene, truth, *asset_uris(scene))
-    with scene_env(*uris), _open_scene(scene, bands, window, read) as src:
+    envs = scene_envs(*uris)  # one S3 session for the scene, whichever thread reads
+    with envs(), _open_scene(scene, bands, window, read) as src:
         row_area = row_areas_m2(src, scene)  # fail before the long part
         warnings_ = level_warnings(src, model_level, level_mismatch)
         for text in warnings_:
@@ -156,7 +157,7 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
 
         colour = TrueColour(src, nodata) if quicklook else None
         strips = read_ahead(src.reopen, src.height, src.width, strip_rows(src, window),
-                            read_workers or available_cores(), env=lambda: scene_env(*uris))
+                            read_workers or available_cores(), env=envs)
         if colour is not None:
             strips = tapped(strips, colour.add)
         rows = in_background(blend_rows(predict_fn, src, len(class_names), window, stride, batch_size, nodata,

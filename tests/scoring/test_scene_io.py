@@ -1,4 +1,5 @@
-"""Reading scenes: a stalled S3 endpoint ends in an error within the configured timeouts, never a hang."""
+"""Reading scenes: a stalled S3 endpoint ends in an error within the configured timeouts, never a hang; reader threads
+share one S3 session."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import socket
 import threading
 import time
 
+import boto3
 import pytest
 import rasterio
 from rasterio.errors import RasterioIOError
@@ -74,3 +76,32 @@ def test_the_environment_wins_over_the_stall_defaults(monkeypatch):
     assert "GDAL_HTTP_TIMEOUT" not in scene_io.http_stall_options()
     assert scene_io.http_stall_options()["GDAL_HTTP_LOW_SPEED_TIME"] == scene_io.HTTP_STALL_OPTIONS[
         "GDAL_HTTP_LOW_SPEED_TIME"]
+
+
+def test_reader_threads_share_one_s3_session_each_in_its_own_environment(monkeypatch):
+    for key, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    made = []
+    real_session = boto3.Session
+    monkeypatch.setattr(boto3, "Session", lambda *a, **k: made.append(1) or real_session(*a, **k))  # a counting spy
+    envs = scene_io.scene_envs("s3://bucket/scene.tif", None)
+    seen: list[dict] = []
+
+    def read_strips() -> None:
+        for _ in range(3):  # as a reader thread enters it for every strip
+            with envs():
+                seen.append(dict(rasterio.env.getenv()))
+
+    threads = [threading.Thread(target=read_strips) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len(seen) == 12  # one boto3 session for the scene, not one per strip
+    for options in seen:  # every thread's GDAL sees the endpoint, the credentials and the stall timeouts
+        assert options["AWS_S3_ENDPOINT"] == "127.0.0.1:9000" and options["AWS_HTTPS"] == "NO"
+        assert options["AWS_ACCESS_KEY_ID"] == "testing" and "GDAL_HTTP_LOW_SPEED_TIME" in options
+    with scene_io.scene_envs("scene.tif")():  # a local scene: none of the S3 settings
+        assert "AWS_S3_ENDPOINT" not in rasterio.env.getenv()
