@@ -138,7 +138,9 @@ def test_the_mlflow_instructions_name_the_page_model_alias_and_menus(tmp_path, m
     project.mkdir()
     (project / ".venv").symlink_to(sys.prefix)
     monkeypatch.chdir(project)
-    register_champion(tmp_path, "sqlite:///mlflow.db", model)  # the project's default store, ./mlflow.db
+    # The project's default store, ./mlflow.db, named by its absolute path here: MLflow keeps one engine per URI in a
+    # process, so a relative sqlite:///mlflow.db would stay bound to this folder for later tests in this process.
+    register_champion(tmp_path, f"sqlite:///{project / 'mlflow.db'}", model)
     port = str(free_port())
     ui_cmd, url = ui.replace("5000", port), url.replace("5000", port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
