@@ -504,11 +504,12 @@ def test_a_stuck_run_stops_renewing_and_its_claim_goes_stale(tmp_path):
 
 
 def test_a_progressing_run_keeps_its_claim(tmp_path):
-    holder = Ledger(tmp_path, claim_timeout_s=1)
+    # 2 s, not 1: a loaded full run once left the heartbeat thread (a beat every timeout/4) unrun for a whole second.
+    holder = Ledger(tmp_path, claim_timeout_s=2)
     claim = holder.acquire("scene_0")
-    other = Ledger(tmp_path, claim_timeout_s=1)
+    other = Ledger(tmp_path, claim_timeout_s=2)
     other.me = other.me | {"host": "another-host"}
-    for _ in range(25):  # 2.5 s, well past the timeout, reporting progress all along
+    for _ in range(45):  # 4.5 s, well past the timeout, reporting progress all along
         claim.progress()
         time.sleep(0.1)
         assert other.acquire("scene_0") is None
