@@ -9,14 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 from factories import own_tracking_store
 
 from geoclip.config import params_from_dict
 from geoclip.errors import GeoclipError
 from geoclip.registry.relocate import relocate
-from geoclip.registry.tracking import configure
 
 PARAMS = {"mlflow": {"tracking_uri": "sqlite:///mlflow.db", "artifact_location": "mlartifacts",
                      "experiment": "geoclip-test"}}
@@ -28,19 +26,33 @@ def _own_tracking_store():
         yield
 
 
-def _make_project(root: Path, monkeypatch) -> tuple[str, str]:
-    """A project folder with a local store: one run with an artifact, registered as a model version."""
+# A project folder with a local store: one run with an artifact, registered as a model version. Made in a process of
+# its own, as a user's `dvc repro` would: MLflow keeps one engine per URI in a process, and SQLite opens a relative
+# sqlite:///mlflow.db against the folder current when a pooled connection is made, so in the test process the run
+# could land in the store of an earlier test that used the same default URI.
+MAKE = """
+import mlflow
+from geoclip.config import load_params
+from geoclip.registry.tracking import configure
+configure(load_params("params.yaml"))
+with mlflow.start_run() as run:
+    mlflow.log_text("from the original project", "notes/where.txt")
+client = mlflow.MlflowClient()
+client.create_registered_model("relocated")
+version = client.create_model_version("relocated", f"{run.info.artifact_uri}/notes", run.info.run_id)
+print(run.info.run_id, version.version)
+"""
+
+
+def _make_project(root: Path) -> tuple[str, str]:
+    """The project folder ``root`` with its store (see MAKE); the run id and the model version."""
     root.mkdir()
-    monkeypatch.chdir(root)
     (root / "params.yaml").write_text("mlflow:\n  tracking_uri: sqlite:///mlflow.db\n  artifact_location: mlartifacts\n"
                                       "  experiment: geoclip-test\n")
-    configure(params_from_dict(PARAMS))
-    with mlflow.start_run() as run:
-        mlflow.log_text("from the original project", "notes/where.txt")
-    client = mlflow.MlflowClient()
-    client.create_registered_model("relocated")
-    version = client.create_model_version("relocated", f"{run.info.artifact_uri}/notes", run.info.run_id)
-    return run.info.run_id, version.version
+    made = _in(root, "-c", MAKE)
+    assert made.returncode == 0, made.stderr
+    run_id, version = made.stdout.split()[-2:]
+    return run_id, version
 
 
 def _locations(db: Path) -> list[str]:
@@ -71,9 +83,9 @@ def _in(folder: Path, *args: str) -> subprocess.CompletedProcess:
                           check=False)
 
 
-def test_a_copied_project_is_refused_then_relocated_to_its_own_artifacts(tmp_path, monkeypatch):
+def test_a_copied_project_is_refused_then_relocated_to_its_own_artifacts(tmp_path):
     original, copy = tmp_path / "original", tmp_path / "copy"
-    run_id, version = _make_project(original, monkeypatch)
+    run_id, version = _make_project(original)
     shutil.copytree(original, copy)
     (original / "mlartifacts").rename(original / "mlartifacts.gone")  # nothing may be read from the original now
     before = (original / "mlflow.db").read_bytes()
