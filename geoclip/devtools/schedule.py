@@ -76,12 +76,17 @@ def ensure_pool(api_url: str, env: dict[str, str], project: Path, pool: str = PO
     process pool is kept as its owner configured it (never overwritten)."""
     # Through Prefect's client (its CLI): a busy SQLite server answers 503 "database is locked", which it retries.
     try:
-        pool_type = json.loads(prefect_cli(["work-pool", "inspect", pool, "--output", "json"], env, project))["type"]
+        shown = prefect_cli(["work-pool", "inspect", pool, "--output", "json"], env, project)
     except GeoclipError as exc:
         if f"Work pool {pool!r} not found" not in str(exc):
             raise
         prefect_cli(["work-pool", "create", pool, "--type", "process"], env, project)
         return
+    try:
+        pool_type = json.loads(shown)["type"]
+    except (ValueError, KeyError, TypeError):
+        raise GeoclipError(f"`prefect work-pool inspect {pool} --output json` printed no work pool: "
+                           f"{scrub(shown.strip()[:200])!r}") from None
     if pool_type != "process":
         raise GeoclipError(f"work pool {pool!r} on {api_url} is of type {pool_type!r}; prefect.yaml's deployments "
                            f"need a process pool of that name: delete it (`prefect work-pool delete {pool}`) or use "

@@ -141,3 +141,16 @@ class _Healthy(http.server.BaseHTTPRequestHandler):
 def test_a_prefect_command_that_hangs_is_a_one_line_error(tmp_path):
     with pytest.raises(GeoclipError, match=r"`prefect version` did not finish within 0.01 s"):
         prefect_cli(["version"], dict(os.environ), tmp_path, timeout=0.01)
+
+
+def test_a_pool_listing_that_is_not_json_is_one_line(tmp_path):
+    # A stand-in `prefect` (first on PYTHONPATH) whose inspect prints a banner instead of JSON, as a plugin or a
+    # changed CLI might: no real Prefect prints that, so this is the one fake in this file.
+    fake = tmp_path / "fake" / "prefect"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text("print('Welcome to Prefect! Upgrade available.')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    with pytest.raises(GeoclipError, match=r"`prefect work-pool inspect local --output json` printed no work pool: "
+                                           r"'Welcome to Prefect! Upgrade available.'"):
+        ensure_pool("http://127.0.0.1:9/api", env, tmp_path)
