@@ -6,11 +6,17 @@ Rows, each scored on the same real test folds (mean and spread over folds):
   (c) the same architecture trained from scratch on the real training folds only (as many steps as (b))
   (d) logistic regression on per-band mean and standard deviation (26 numbers a tile)
   (e) logistic regression on spectral indices (NDVI, NDWI, NDBI: mean, std, 10th and 90th percentiles)
-and per-class recall for (b). Each geoclip row runs the pipeline's own steps (synth, prepare from a labels.csv
+  (f) logistic regression on the pretrained prior's frozen features (bench/prior_baselines.py); (f+d) with (d)'s
+  (g) geoclip with the prior (train.pretrained, encoder frozen), synthetic tiles only, zero-shot
+  (h) geoclip with the prior, synthetic tiles plus the real training folds
+  (i) the prior fine-tuned as a plain classifier on the real training folds (the reference geoclip must not lose to)
+and per-class recall for (b) and (h). Rows (a)-(c) train without a prior (train.pretrained ""), (g)-(h) with
+PRIOR (and the recipe's other keys), whatever params.yaml says. Each geoclip row runs the pipeline's own steps (synth, prepare from a labels.csv
 with the fold's splits, train, evaluate); its validation tiles come from the training folds, never the test fold.
 
     python bench/real_quality.py                       # the real tiles in ../shared/data, the full recipe
     python bench/real_quality.py --folds 0 --epochs 4  # a quick look at one fold
+    python bench/real_quality.py --rows dfghi           # the prior's rows beside the baseline
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # geoclip from this checkout, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # prior_baselines beside this file
 
 import numpy as np
 import pandas as pd
@@ -37,6 +44,7 @@ from geoclip.errors import GeoclipError
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REAL = [REPO.parent / "shared" / "data" / name for name in ("eurosat_ms_dev", "eurosat_ms_train")]
 BAND = {name: i for i, name in enumerate(ALL_BAND_NAMES)}
+PRIOR = "efficientnet_lite0/imagenet"
 CALIBRATION_TILES = "eurosat_ms_dev"  # the folder the synthetic spectra were calibrated on (docs/calibration.md)
 
 
@@ -116,6 +124,10 @@ def run_geoclip(params: Params, work: Path, rows: pd.DataFrame) -> dict:
                     reports=str(work / "reports"), model=str(work / "model"), eval=str(work / "eval"))
     p = replace(params, paths=paths)
     write_raw(work / "raw", rows)
+    shared = work.parent / "feature_cache"  # one frozen-encoder cache for every run: the synthetic tiles recur
+    shared.mkdir(parents=True, exist_ok=True)
+    if not (work / "feature_cache").exists():
+        (work / "feature_cache").symlink_to(shared.resolve())
     prepare(p)
     train(p)
     return evaluate(p)
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--synthetic-per-class", type=int, default=0, help="override synth.tiles_per_class")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a recipe param (YAML value), e.g. --set train.spectral_stats=true; repeatable")
-    ap.add_argument("--rows", default="abcde", help="which rows to run")
+    ap.add_argument("--rows", default="abcdefghi", help="which rows to run")
     ap.add_argument("--work", type=Path, default=Path("bench/results/real_quality"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -177,6 +189,10 @@ def main(argv: list[str] | None = None) -> None:
         params = params_from_dict(data)
     except GeoclipError as exc:  # a bad --set value: one line, not a traceback
         raise SystemExit(f"error: {exc}") from None
+    plain = replace(params, train=replace(params.train, pretrained=""))
+    prior = replace(params, train=replace(params.train, pretrained=PRIOR,
+                                          freeze_image=params.train.freeze_image if params.train.pretrained else "all"))
+    params = plain
     real = real_tiles(args.real)
     fold = folds(real["class"], args.k, args.seed)
     images = np.stack([read_tile(p) for p in real["path"]])
@@ -185,10 +201,24 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     chosen = [int(f) for f in args.folds.split(",")] if args.folds else list(range(args.k))
     results: dict[str, list] = {r: [] for r in args.rows}
-    recall_b: list[dict] = []
+    recall: dict[str, list[dict]] = {"b": [], "h": []}
     start = time.perf_counter()
-    synthetic = synthetic_rows(params, args.work) if set("ab") & set(args.rows) else None
-    zero_shot = None
+    synthetic = synthetic_rows(params, args.work) if set("abgh") & set(args.rows) else None
+    zero_shot = zero_shot_g = None
+    if "f" in args.rows:
+        from prior_baselines import prior_features
+
+        from geoclip.model.pretrained import get_source
+
+        prior_f = prior_features(images, get_source(PRIOR))
+        results["f+d"] = []
+    if "g" in args.rows:  # the synthetic-only model with the prior, scored on every test fold
+        from geoclip.model.clip import load_model
+        from geoclip.training.evaluate import predict_probs
+
+        run_geoclip(prior, args.work / "g", pd.concat([synthetic, real.assign(split="test")], ignore_index=True))
+        zero_shot_g = predict_probs(load_model(args.work / "g" / "model"), images, 256,
+                                    tta=params.evaluate.tta).argmax(1)
     if "a" in args.rows:  # one synthetic-only model, scored on every test fold
         from geoclip.training.evaluate import predict_probs
         from geoclip.model.clip import load_model
@@ -208,10 +238,13 @@ def main(argv: list[str] | None = None) -> None:
         train_mask = split == "train"
         if "a" in args.rows:
             results["a"].append(float((zero_shot[test] == labels[test]).mean()))
-        if "b" in args.rows:
-            m = run_geoclip(params, args.work / f"b{k}", pd.concat([synthetic, fold_real], ignore_index=True))
-            results["b"].append(m["real_test_top1"])
-            recall_b.append({c: v["real_recall"] for c, v in m["per_class"].items()})
+        for row, recipe in (("b", params), ("h", prior)):
+            if row in args.rows:
+                m = run_geoclip(recipe, args.work / f"{row}{k}", pd.concat([synthetic, fold_real], ignore_index=True))
+                results[row].append(m["real_test_top1"])
+                recall[row].append({c: v["real_recall"] for c, v in m["per_class"].items()})
+        if "g" in args.rows:
+            results["g"].append(float((zero_shot_g[test] == labels[test]).mean()))
         if "c" in args.rows:  # as many optimiser steps as (b) takes: a fair budget for the smaller set
             steps_b = -(-(synthetic["split"] == "train").sum() // round(bs * (1 - params.train.real_share)))
             steps_c_per_epoch = -(-int(train_mask.sum()) // bs)
@@ -223,29 +256,46 @@ def main(argv: list[str] | None = None) -> None:
             if row in args.rows:
                 f = feats(images)
                 results[row].append(float((logistic(f[fit], labels[fit], f[test]) == labels[test]).mean()))
+        if "f" in args.rows:
+            results["f"].append(float((logistic(prior_f[fit], labels[fit], prior_f[test]) == labels[test]).mean()))
+            both = np.concatenate([prior_f, features_mean_std(images)], axis=1)
+            results["f+d"].append(float((logistic(both[fit], labels[fit], both[test]) == labels[test]).mean()))
+        if "i" in args.rows:
+            from prior_baselines import finetune_classifier
+
+            from geoclip.model.pretrained import get_source
+
+            pred = finetune_classifier(images, labels, np.flatnonzero(fit), np.flatnonzero(test), get_source(PRIOR),
+                                       args.seed + k, len(EUROSAT_CLASSES))
+            results["i"].append(float((pred == labels[np.flatnonzero(test)]).mean()))
         print(json.dumps({"fold": k, **{r: v[-1] for r, v in results.items() if v},
                           "elapsed_s": round(time.perf_counter() - start)}), flush=True)
     names = {"a": "geoclip, synthetic only, zero-shot", "b": "geoclip, synthetic + real training folds",
              "c": "geoclip architecture, real folds only", "d": "logistic regression, band mean + std",
-             "e": "logistic regression, NDVI/NDWI/NDBI"}
+             "e": "logistic regression, NDVI/NDWI/NDBI", "f": f"logistic regression, frozen {PRIOR} features",
+             "f+d": "logistic regression, frozen prior features + band mean/std",
+             "g": f"geoclip with {PRIOR}, synthetic only, zero-shot",
+             "h": f"geoclip with {PRIOR}, synthetic + real training folds",
+             "i": f"{PRIOR} fine-tuned as a plain classifier, real training folds"}
     print(f"\n{len(real)} real tiles, {args.k}-fold stratified CV (seed {args.seed}), folds {chosen}; "
           f"recipe {args.params.name}: epochs {params.train.epochs}, synthetic {params.synth.tiles_per_class}/class, "
           f"real_share {params.train.real_share}, overrides {args.set}\n")
     print("| row | model | real test top-1 % (mean +- sd over folds) |\n|---|---|---|")
-    for r in args.rows:
+    for r in [r for r in results if results[r] and r in names]:
         print(f"| ({r}) | {names[r]} | {summary(results[r])} |")
     if "a_not_calibrated" in results:
         print(f"\n(a) on the {int(held_out.sum())} real tiles outside {CALIBRATION_TILES} (not used to calibrate the "
               f"generator): {100 * results['a_not_calibrated'][0]:.1f}%")
-    if recall_b:
-        print("\nper-class real recall, (b), mean over folds:")
-        for c in EUROSAT_CLASSES:
-            print(f"  {c:22s} {100 * np.mean([r[c] for r in recall_b]):5.1f}")
+    for row, per_fold in recall.items():
+        if per_fold:
+            print(f"\nper-class real recall, ({row}), mean over folds:")
+            for c in EUROSAT_CLASSES:
+                print(f"  {c:22s} {100 * np.mean([r[c] for r in per_fold]):5.1f}")
     if args.out:
         settings = {"epochs": params.train.epochs, "synthetic_per_class": params.synth.tiles_per_class,
                     "real_share": params.train.real_share, "overrides": args.set, "k": args.k, "seed": args.seed}
         args.out.write_text(json.dumps({"folds": chosen, "settings": settings, "results": results,
-                                        "recall_b": recall_b}, indent=1))
+                                        "recall": recall, "prior": PRIOR}, indent=1))
 
 
 if __name__ == "__main__":

@@ -174,6 +174,17 @@ class TrainConfig:
     # from what it painted) is contrasted with its own caption, teaching the class encoder words beyond the class
     # names; the class loss gets the rest. At 1 the class names are never trained (every class is zero-shot).
     caption_weight: float = 0.0
+    # A pretrained image prior by name (geoclip.model.pretrained.SOURCES), e.g. "efficientnet_lite0/imagenet": its
+    # architecture replaces image_encoder, its weights ship inside a pinned package. "auto": that prior when real
+    # tiles are among ingest's sources, none for synthetic-only training (ImageNet features see synthetic textures
+    # for what they are: bench/real_quality.py rows (a) and (g)). "": random initialisation.
+    pretrained: str = ""
+    input_size: int = 0  # tiles resized to this side before the encoder, inside the model (0: the prior's, else as is)
+    feature_stages: list[int] = field(default_factory=list)  # pooled beside the final features ([]: the prior's)
+    # Locked-image tuning: "all" freezes the encoder (its features are computed once per tile and view and cached
+    # beside the packs, so a CPU trains the rest in minutes), "stage N" its stem and stages up to timm feature_info
+    # index N, "none" trains it all.
+    freeze_image: str = "none"
 
     def scaled_lr(self) -> float:
         """The learning rate for ``batch_size``: ``lr`` scaled from ``lr_base_batch`` by ``lr_scaling``."""
@@ -404,6 +415,12 @@ def _validate(p: Params, source: str) -> None:
                               ("join_timeout", t.join_timeout > 0, "> 0 (seconds)")):
         if not ok:
             raise GeoclipError(f"train.{key}: {getattr(t, key)}; expected a number {expected}")
+    if t.input_size < 0:
+        raise GeoclipError(f"train.input_size: {t.input_size}; expected a side in pixels, or 0 (the prior's)")
+    freeze = t.freeze_image.strip().lower()
+    if freeze not in ("none", "all") and not (freeze.startswith("stage ") and freeze[6:].strip().isdigit()):
+        raise GeoclipError(f"train.freeze_image: {t.freeze_image!r}; expected none, all, or 'stage N' (N an index "
+                           "into the encoder's timm feature_info)")
     if t.lr_scaling not in LR_SCALING:
         raise GeoclipError(f"train.lr_scaling: {t.lr_scaling!r}; expected one of {', '.join(LR_SCALING)}")
     if t.lr_base_batch < 1:

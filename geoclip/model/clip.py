@@ -61,6 +61,16 @@ class ModelConfig:
     # True when the prompt features came from a fine-tuned sentence encoder that is not saved: the frozen one's
     # embeddings of new class names would not match what ``text_proj`` was trained on.
     text_encoder_finetuned: bool = False
+    # A pretrained prior (geoclip.model.pretrained): the source's name and what it records of its weights. The
+    # encoder is built from its architecture; its bands are standardised the way the weights were trained.
+    pretrained: str = ""
+    provenance: dict[str, str] = field(default_factory=dict)
+    # Tiles are resized to this many pixels a side before the encoder (0: as they are), inside the model, so
+    # exports and scene scoring resize the same way.
+    input_size: int = 0
+    # Also pool these stages (indices into the encoder's timm feature_info) beside its final pooled features:
+    # earlier stages carry the texture a photograph-trained network knows best.
+    feature_stages: list[int] = field(default_factory=list)
 
 
 def create_image_encoder(cfg: ModelConfig) -> nn.Module:
@@ -88,12 +98,31 @@ def create_image_encoder(cfg: ModelConfig) -> nn.Module:
     return encoder
 
 
-def image_features(encoder: nn.Module, stats_mlp: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+def tower_features(encoder: nn.Module, x: torch.Tensor, input_size: int = 0,
+                   stages: tuple[int, ...] | list[int] = ()) -> torch.Tensor:
+    """The encoder's pooled features of standardised tiles: resized to ``input_size`` first (0: as they are), and
+    with the pooled outputs of ``stages`` (timm feature_info indices) before the final pooled features."""
+    if input_size and x.shape[-1] != input_size:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    if not stages:
+        return encoder(x)
+    final, inter = encoder.forward_intermediates(x, indices=list(stages))
+    return torch.cat([h.mean(dim=(2, 3)) for h in inter] + [encoder.forward_head(final, pre_logits=True)], dim=1)
+
+
+def tower_width(encoder: nn.Module, stages: tuple[int, ...] | list[int] = ()) -> int:
+    """How many features :func:`tower_features` gives per tile."""
+    return encoder.num_features + sum(encoder.feature_info[i]["num_chs"] for i in stages)
+
+
+def image_features(encoder: nn.Module, stats_mlp: nn.Module | None, x: torch.Tensor, input_size: int = 0,
+                   stages: tuple[int, ...] | list[int] = (), tower: torch.Tensor | None = None) -> torch.Tensor:
     """The encoder's pooled features of standardised tiles, then (with ``stats_mlp``) the spectral-statistics branch.
 
-    One function for the model and its export, so both compute the same features.
+    One function for the model and its export, so both compute the same features. ``tower``: the encoder's
+    features of these tiles already computed (a frozen encoder's cache), so only the statistics are computed.
     """
-    features = encoder(x)
+    features = tower_features(encoder, x, input_size, stages) if tower is None else tower
     if stats_mlp is None:
         return features
     stats = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1).to(features.dtype)
@@ -118,7 +147,7 @@ class GeoCLIP(nn.Module):
         n_classes = len(cfg.class_names)
         self.image_encoder = create_image_encoder(cfg)
         self.stats_mlp = None
-        width = self.image_encoder.num_features
+        width = tower_width(self.image_encoder, cfg.feature_stages)
         if cfg.spectral_stats:
             self.stats_mlp = nn.Sequential(nn.Linear(2 * len(cfg.band_names), STATS_WIDTH), nn.GELU(),
                                            nn.Linear(STATS_WIDTH, STATS_WIDTH))
@@ -154,14 +183,41 @@ class GeoCLIP(nn.Module):
         """The inverse temperature ``exp(logit_scale)``, capped like the losses cap it."""
         return self.logit_scale.exp().clamp(max=math.exp(MAX_LOGIT_SCALE))
 
-    def image_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unprojected features ``(N, F)`` of standardised tiles (:meth:`normalize_input`)."""
-        return image_features(self.image_encoder, self.stats_mlp, x)
+    def tower_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's features ``(N, F)`` of standardised tiles (what a frozen encoder's cache holds)."""
+        return tower_features(self.image_encoder, x, self.cfg.input_size, self.cfg.feature_stages)
 
-    def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Embed raw tiles ``(N, bands, H, W)`` into ``(N, embed_dim)``."""
-        z = self.image_proj(self.image_features(self.normalize_input(x)))
+    def image_features(self, x: torch.Tensor, tower: torch.Tensor | None = None) -> torch.Tensor:
+        """Unprojected features ``(N, F)`` of standardised tiles (:meth:`normalize_input`); ``tower``: the encoder's
+        part already computed (:meth:`tower_features`)."""
+        return image_features(self.image_encoder, self.stats_mlp, x, self.cfg.input_size, self.cfg.feature_stages,
+                              tower)
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = True, tower: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Embed raw tiles ``(N, bands, H, W)`` into ``(N, embed_dim)``; ``tower``: see :meth:`image_features`."""
+        z = self.image_proj(self.image_features(self.normalize_input(x), tower))
         return F.normalize(z, dim=-1) if normalize else z
+
+    def freeze_image(self, spec: str) -> list[str]:
+        """Freeze the image encoder (``"all"``), its stem and stages up to ``"stage N"`` (timm feature_info index
+        N), or nothing (``"none"``): no gradients, batch-norm statistics kept (eval mode even while training).
+        Returns the names of the frozen parameters."""
+        names = frozen_parameter_names(self.image_encoder, spec)
+        for name, p in self.image_encoder.named_parameters():
+            p.requires_grad_(name not in names)
+        self._frozen_spec = spec
+        self.train(self.training)
+        return sorted(names)
+
+    def train(self, mode: bool = True) -> GeoCLIP:
+        """Set training mode; frozen encoder parts stay in eval mode, their batch-norm statistics untouched."""
+        super().train(mode)
+        spec = getattr(self, "_frozen_spec", "none")
+        if mode and spec != "none":
+            for module in frozen_modules(self.image_encoder, spec):
+                module.eval()
+        return self
 
     def encode_text(self, text_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Project sentence-encoder features ``(..., text_dim)`` into ``(..., embed_dim)``."""
@@ -214,6 +270,39 @@ class GeoCLIP(nn.Module):
             img = self.encode_image(x)
         classes = self.class_embeddings() if classes is None else classes.to(img.device, img.dtype)
         return (self.scale() * img @ classes.T).softmax(dim=-1), img
+
+
+FREEZE_CHOICES = "none, all, or 'stage N' (N an index into the encoder's timm feature_info)"
+
+
+def frozen_modules(encoder: nn.Module, spec: str) -> list[nn.Module]:
+    """The encoder's modules ``spec`` freezes (see :meth:`GeoCLIP.freeze_image`), in forward order."""
+    spec = spec.strip().lower()
+    named = list(encoder.named_modules())[1:]
+    if spec == "none":
+        return []
+    if spec == "all":
+        return [m for _, m in named]
+    head, _, number = spec.partition(" ")
+    info = getattr(encoder, "feature_info", None)
+    if head != "stage" or not number.strip().isdigit():
+        raise GeoclipError(f"train.freeze_image: {spec!r}; expected {FREEZE_CHOICES}")
+    stage = int(number)
+    if info is None or stage >= len(info):
+        raise GeoclipError(f"train.freeze_image: {spec!r}, but the encoder has {len(info or [])} stages "
+                           f"(0 to {len(info or []) - 1}); expected {FREEZE_CHOICES}")
+    last = info[stage]["module"]
+    # Everything defined up to the end of that stage's module: the stem and the stages before it.
+    end = max(i for i, (name, _) in enumerate(named) if name == last or name.startswith(last + "."))
+    return [m for _, m in named[:end + 1]]
+
+
+def frozen_parameter_names(encoder: nn.Module, spec: str) -> set[str]:
+    """Names (in ``encoder.named_parameters()``) of the parameters ``spec`` freezes."""
+    frozen = {id(m) for m in frozen_modules(encoder, spec)}
+    return {f"{mod_name}.{p_name}" if mod_name else p_name
+            for mod_name, module in encoder.named_modules() if id(module) in frozen
+            for p_name, _ in module.named_parameters(recurse=False)}
 
 
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
@@ -361,6 +450,7 @@ def build_model(cfg: ModelConfig, seed: int | None = None, init_weights: str | P
     Prompt features come from the text-embedding cache, or the frozen sentence encoder on a miss.
     ``seed`` seeds torch right before the random initialisation: loading the sentence encoder (once
     per process) draws random numbers, so seeding earlier would not make two builds identical.
+    ``cfg.pretrained`` loads that source's weights (:func:`geoclip.model.pretrained.load_pretrained`);
     ``init_weights`` (``train.init_weights``) then overwrites the encoder tensors it holds (a first layer
     trained on all of ``input_band_names`` keeps the model's bands); the report of what was loaded is
     printed and kept as ``model.init_report``.
@@ -374,6 +464,12 @@ def build_model(cfg: ModelConfig, seed: int | None = None, init_weights: str | P
         torch.manual_seed(seed)
     model = GeoCLIP(cfg, torch.from_numpy(feats), text_encoder=text_encoder)
     model.init_report = None
+    if cfg.pretrained:
+        from geoclip.model.pretrained import get_source, load_pretrained
+
+        counts = load_pretrained(model.image_encoder, get_source(cfg.pretrained), cfg.band_names)
+        print(f"train.pretrained {cfg.pretrained}: {counts['loaded']} tensors loaded, {counts['adapted']} adapted "
+              "to the bands", file=sys.stderr)
     if init_weights:
         model.init_report = load_encoder_weights(model.image_encoder, init_weights, cfg.band_names,
                                                  cfg.input_band_names)

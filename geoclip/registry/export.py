@@ -45,6 +45,7 @@ class ExportedEncoder(nn.Module):
         # Only the image side travels (a fine-tuned text encoder would add ~90 MB that serving never runs);
         # forward repeats GeoCLIP.encode_image, and check_export compares the two on real batches.
         self.image_encoder, self.stats_mlp, self.image_proj = model.image_encoder, model.stats_mlp, model.image_proj
+        self.input_size, self.stages = model.cfg.input_size, tuple(model.cfg.feature_stages)  # resizing travels too
         self.register_buffer("band_mean", model.band_mean.detach().clone())
         self.register_buffer("band_std", model.band_std.detach().clone())
         idx = band_indices(model.cfg.band_names, tuple(model.cfg.input_band_names))
@@ -56,7 +57,8 @@ class ExportedEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Unit embeddings ``(N, D)`` for raw float32 tiles ``(N, input bands, H, W)``."""
         x = (x.index_select(1, self.band_index).float() - self.band_mean) / self.band_std
-        return F.normalize(self.image_proj(image_features(self.image_encoder, self.stats_mlp, x)), dim=-1)
+        features = image_features(self.image_encoder, self.stats_mlp, x, self.input_size, self.stages)
+        return F.normalize(self.image_proj(features), dim=-1)
 
 
 class ExportedTextProjection(nn.Module):
@@ -228,6 +230,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "torchsc
         "class_names": list(cfg.class_names), "band_names": list(cfg.band_names),
         "input_band_names": list(cfg.input_band_names), "tile_size": cfg.tile_size, "embed_dim": cfg.embed_dim,
         "image_encoder": cfg.image_encoder, "loss": getattr(cfg, "loss", "clip"),
+        "input_size": cfg.input_size or cfg.tile_size, "provenance": dict(cfg.provenance),
         "logit_scale": float(scale.detach()),
         "logit_bias": float(bias.detach()) if bias is not None else 0.0,
         "input": "float32 (N, len(input_band_names), tile_size, tile_size), raw digital numbers",

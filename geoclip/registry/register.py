@@ -119,6 +119,15 @@ def input_example(params: Params, n: int = 2) -> np.ndarray:
     return np.stack([read_tile(Path(params.paths.raw) / p) for p in paths]).astype(np.uint16)
 
 
+def prior_tags(model_dir: str | Path) -> dict[str, str]:
+    """What the saved model records of its pretrained prior (``pretrained: none`` without one), as version tags."""
+    path = Path(model_dir) / "model_config.json"
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    provenance = cfg.get("provenance") or {}
+    keep = ("pretrained", "pretrained_package", "pretrained_sha256", "pretrained_licence", "pretrained_trained_on")
+    return {k: str(provenance[k]) for k in keep if k in provenance} or {"pretrained": "none"}
+
+
 def describe(params: Params, tags: dict[str, str], metrics: dict[str, float], counts: dict[str, int],
              gate: dict) -> str:
     """The version's description: what data, params and metrics made it, and the gate's decision."""
@@ -131,6 +140,9 @@ def describe(params: Params, tags: dict[str, str], metrics: dict[str, float], co
         + f"; {gate['reason']}; git {tags['git_revision'][:12]}; data {tags.get('data_version', 'unknown')[:12]}.",
         (f"Data: data_version {tags.get('data_version', 'unknown')}; tiles {tiles}; "
          f"{len(params.bands)} bands {' '.join(params.bands)}."),
+        (f"Prior: {tags['pretrained']} ({tags.get('pretrained_package', '')}, {tags.get('pretrained_licence', '')}; "
+         f"trained on {tags.get('pretrained_trained_on', '')})." if tags.get("pretrained", "none") != "none"
+         else "Prior: none (image encoder trained from random weights)."),
         (f"Params: encoder {t.image_encoder}, loss {t.loss}, epochs {t.epochs}, batch {t.batch_size}, "
          f"lr {lr_text(t)}, embed_dim {t.embed_dim}, holdout_class {tags.get(HOLDOUT_TAG, 'none')}; "
          f"params_hash {tags['params_hash'][:12]} (sha256 of {'/'.join(MODEL_SECTIONS)})."),
@@ -198,6 +210,7 @@ def _log_and_register(params: Params, client: MlflowClient, run_id: str, value: 
             DIGEST_TAG: logged_model_digest(model_info.model_uri)}  # checked before every load for scoring
     if holdout:
         tags[HOLDOUT_TAG] = holdout
+    tags |= prior_tags(params.paths.model)
     if (Path(params.paths.prepared) / "index.csv").exists():
         tags["data_version"] = data_version(params.paths.prepared)
     # Tags go in with the version: the gate never sees a version without its metric.

@@ -31,18 +31,19 @@ class EmbeddingStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, caption_features: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, caption_features: torch.Tensor | None = None, tower: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Unit image embeddings, unit class embeddings, the log inverse temperature and the logit bias.
 
         With ``caption_features`` (sentence embeddings ``(K, text_dim)``), their unit embeddings follow the classes'
-        rows: the caption loss's gradients then pass through this one forward too.
+        rows: the caption loss's gradients then pass through this one forward too. ``tower``: a frozen encoder's
+        cached features of these tiles (:meth:`GeoCLIP.encode_image`).
         """
         m = self.model
         texts = m.class_embeddings()
         if caption_features is not None:
             texts = torch.cat([texts, m.encode_text(caption_features, normalize=True).to(texts.dtype)])
-        return m.encode_image(x), texts, m.logit_scale, getattr(m, "logit_bias", None)
+        return m.encode_image(x, tower=tower), texts, m.logit_scale, getattr(m, "logit_bias", None)
 
 
 def make_optimizer(model: GeoCLIP, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -78,7 +79,8 @@ def training_step(step_module: nn.Module, model: GeoCLIP, opt: torch.optim.Optim
                   cls_idx: torch.Tensor, *, loss_fn: Callable[..., torch.Tensor], generator: torch.Generator,
                   gain_noise: float, bf16: bool, channels_last: bool, world: int = 1, offset_noise: float = 0.0,
                   pixel_noise: float = 0.0, crop_scale: float = 1.0, caption_ids: torch.Tensor | None = None,
-                  caption_features: torch.Tensor | None = None, caption_weight: float = 0.0) -> torch.Tensor:
+                  caption_features: torch.Tensor | None = None, caption_weight: float = 0.0,
+                  tower: torch.Tensor | None = None) -> torch.Tensor:
     """One optimisation step on raw tiles ``raw`` (labels: positions in ``cls_idx``); returns the detached loss.
 
     ``step_module`` is ``EmbeddingStep(model)``, possibly DDP-wrapped or compiled; ``generator`` is the CPU
@@ -86,7 +88,8 @@ def training_step(step_module: nn.Module, model: GeoCLIP, opt: torch.optim.Optim
     ranks contribute to the loss; ``offset_noise``, ``pixel_noise`` and ``crop_scale`` are :func:`augment`'s. With
     ``caption_weight`` > 0, ``caption_ids`` (per tile, a row of ``caption_features``, -1 for none) bring in the caption
     loss (the batch's tiles against the batch's distinct captions, tiles sharing a caption all positives) with that
-    share of the total, the class loss the rest. The loss
+    share of the total, the class loss the rest. ``tower``: a frozen encoder's features of these tiles, in place of
+    running it (the spectral statistics still come from the augmented tiles). The loss
     stays on the device (reading it would wait for the GPU).
     """
     x = augment(raw, generator, gain_noise, offset_noise, pixel_noise, model.band_std, crop_scale)
@@ -100,7 +103,7 @@ def training_step(step_module: nn.Module, model: GeoCLIP, opt: torch.optim.Optim
             distinct, positions = torch.unique(ids[have], return_inverse=True)
             captioned = (have, positions, caption_features[distinct])
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        img_emb, text_emb, scale, bias = step_module(x, None if captioned is None else captioned[2])
+        img_emb, text_emb, scale, bias = step_module(x, None if captioned is None else captioned[2], tower)
     n_classes = text_emb.shape[0] - (0 if captioned is None else len(captioned[2]))
     bias = None if bias is None else bias.float()
     # The loss sees every rank's images, so each class is contrasted against the global batch, and only

@@ -31,6 +31,7 @@ from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
 from geoclip.model.clip import GeoCLIP, ModelConfig, build_model, save_model
 from geoclip.model.loss import LOSSES
+from geoclip.model.pretrained import DEFAULT_PRIOR, get_source, prior_normalisation
 from geoclip.model.text import embed_prompts
 from geoclip.plots import pyplot, save_png
 from geoclip.training.checkpoint import (
@@ -45,6 +46,7 @@ from geoclip.training.checkpoint import (
 )
 from geoclip.training.distributed import all_gather, broadcast, init_distributed
 from geoclip.training.evaluate import predict_probs
+from geoclip.training.feature_cache import N_VIEWS, cached_features
 from geoclip.training.step import EmbeddingStep, lr_schedule, make_optimizer, training_step
 from geoclip.training.train_data import (
     TrainTiles,
@@ -57,6 +59,7 @@ from geoclip.training.train_data import (
 )
 
 HISTORY_FILE = "history.json"
+FEATURE_CACHE_DIR = "feature_cache"  # beside the packs: a frozen encoder's features (geoclip.training.feature_cache)
 CURVE_FILE = "training_curve.png"
 
 
@@ -101,13 +104,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_config(params: Params, data: PreparedData) -> ModelConfig:
+def chosen_prior(params: Params, has_real: bool) -> str:
+    """The pretrained source training uses: ``train.pretrained``, with "auto" the default prior when real tiles are
+    among the training tiles (``has_real``) and none otherwise."""
+    if params.train.pretrained == "auto":
+        return DEFAULT_PRIOR if has_real else ""
+    return params.train.pretrained
+
+
+def effective_freeze(params: Params, mcfg: ModelConfig, rank: int = 1) -> str:
+    """``train.freeze_image`` for an encoder that starts from weights (a prior or ``init_weights``); "none" for a
+    randomly initialised one, which has nothing to keep (said once, on rank 0)."""
+    spec = params.train.freeze_image.strip().lower()
+    if spec != "none" and not (mcfg.pretrained or params.train.init_weights):
+        if rank == 0:
+            tqdm.write(f"note: train.freeze_image {spec!r} ignored: the encoder starts from random weights (no "
+                       "train.pretrained or init_weights)", file=sys.stderr)
+        return "none"
+    return spec
+
+
+def model_config(params: Params, data: PreparedData, prior: str = "") -> ModelConfig:
     """The model's configuration from params, checked against the packs' band and class order.
 
     The class list is always the full ``classes.names``, also with ``train.holdout_class``: the held-out
-    class is left out of training only, so evaluation can still score it zero-shot.
+    class is left out of training only, so evaluation can still score it zero-shot. With a pretrained ``prior``
+    (:func:`chosen_prior`) the encoder is its architecture, its bands are standardised as its weights expect,
+    and its provenance is recorded.
     """
     name = params.train.image_encoder
+    source = get_source(prior) if prior else None
+    if source is not None:
+        name = source.architecture
     if not timm.is_model(name):
         raise GeoclipError(f"train.image_encoder: unknown timm model {name!r}; expected a name from "
                            "timm.list_models(), e.g. 'resnet18'")
@@ -120,9 +148,17 @@ def model_config(params: Params, data: PreparedData) -> ModelConfig:
              "text_finetune": params.train.text_finetune, "spectral_stats": params.train.spectral_stats,
              "templates": list(params.classes.templates), "descriptions": dict(params.classes.descriptions),
              "processing_level": params.ingest.processing_level.upper()}
+    mean, std = list(data.mean), list(data.std)
+    input_size, stages = params.train.input_size, list(params.train.feature_stages)
+    if source is not None:
+        mean, std = prior_normalisation(source, list(params.bands), mean, std)
+        input_size, stages = input_size or source.input_size, stages or list(source.feature_stages)
+        extra["provenance"] = source.provenance()
+        extra["spectral_stats"] = True  # the only way in for the bands the prior does not read, when it is frozen
+    extra |= {"pretrained": prior, "input_size": input_size, "feature_stages": stages}
     return ModelConfig(image_encoder=name, embed_dim=params.train.embed_dim, band_names=list(params.bands),
                        class_names=list(names), prompts=[params.classes.prompts(c) for c in names],
-                       band_mean=list(data.mean), band_std=list(data.std), tile_size=data.images.shape[-1],
+                       band_mean=mean, band_std=std, tile_size=data.images.shape[-1],
                        init_temperature=params.train.init_temperature,
                        input_band_names=list(data.source_band_names),
                        **{k: v for k, v in extra.items() if k in known})
@@ -187,6 +223,8 @@ class _Run:
     fingerprint: dict | None  # rank 0 only
     log: RunLog = field(default_factory=NoRunLog)  # rank 0's run log
     launch_id: str = ""  # an elastic launch's identity, kept in its checkpoints (see train)
+    # A frozen encoder's features (kept training tiles, 8 views, features), float16 on the device; None: computed
+    tower_cache: torch.Tensor | None = None
 
 
 def _save(run: _Run, prog: _Progress) -> None:
@@ -263,13 +301,18 @@ def _train_batches(run: _Run, prog: _Progress, batches: list[torch.Tensor]) -> N
                disable=run.rank != 0)
     pending: list[torch.Tensor] = []  # losses kept on the device; read back in bulk (no sync per step)
     for idx, raw in zip(todo, run.tiles.batches(todo, prog.epoch)):
+        tower = None
+        if run.tower_cache is not None:  # one random view of each tile (what augment's flips do to pixels)
+            view = torch.randint(0, N_VIEWS, (len(idx),), generator=run.generators["augment"])
+            tower = run.tower_cache[idx.to(device), view.to(device)].float()
         pending.append(training_step(run.step_module, run.model, run.opt, run.sched, raw,
                                      run.labels[idx.to(device)], cls_idx, loss_fn=loss_fn,
                                      generator=run.generators["augment"], gain_noise=cfg.gain_noise,
                                      bf16=cuda, channels_last=cuda, world=run.world, offset_noise=cfg.offset_noise,
                                      pixel_noise=cfg.pixel_noise, crop_scale=cfg.crop_scale,
                                      caption_ids=None if run.caption_ids is None else run.caption_ids[idx.to(device)],
-                                     caption_features=run.caption_features, caption_weight=cfg.caption_weight))
+                                     caption_features=run.caption_features, caption_weight=cfg.caption_weight,
+                                     tower=tower))
         prog.batch, prog.step = prog.batch + 1, prog.step + 1
         bar.update(1)
         if prog.batch % 10 == 0:  # reading the loss waits for the GPU: only now and then
@@ -372,6 +415,24 @@ def _tiles(params: Params, data: PreparedData, rows: np.ndarray, device: torch.d
                       params.train.seed, on_device, loader_workers(local_world))
 
 
+def _tower_cache(params: Params, model: GeoCLIP, data: PreparedData, rows: np.ndarray, rank: int, world: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """With the whole encoder frozen, its cached features of the kept training tiles (rank 0 fills the cache first,
+    the other ranks then read it); else None."""
+    if effective_freeze(params, model.cfg) != "all":
+        return None
+    cache_dir = Path(params.paths.prepared).parent / FEATURE_CACHE_DIR
+    batch = params.evaluate.batch_size
+    if rank == 0:
+        features, computed = cached_features(model, data.images, rows, cache_dir, batch, device)
+        tqdm.write(f"train.freeze_image 'all': encoder features of {len(rows)} tiles x {N_VIEWS} views, "
+                   f"{computed} computed, {len(rows) - computed} from {cache_dir}", file=sys.stderr)
+    broadcast(None, world)  # the others wait for rank 0's cache
+    if rank != 0:
+        features, _ = cached_features(model, data.images, rows, cache_dir, batch, device)
+    return torch.from_numpy(features).to(device)
+
+
 def _captions(params: Params, rows: np.ndarray, device: torch.device
               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Per kept training tile, the row of its caption among the distinct captions, and their sentence embeddings.
@@ -416,7 +477,9 @@ def train(params: Params, resume: bool = False, open_log: OpenRunLog = no_run_lo
         torch.set_num_threads(cfg.num_threads)
     train_data = load_split(params.paths.prepared, "train")
     val_data = load_split(params.paths.prepared, "val")
-    mcfg = model_config(params, train_data)
+    origins = split_origins(params.paths.prepared, "train")
+    has_real = origins is not None and bool((origins == "real").any())
+    mcfg = model_config(params, train_data, chosen_prior(params, has_real))
     classes = training_classes(params)
     _check_data(params, train_data, val_data, classes)
     rank, world, device = init_distributed()
@@ -438,6 +501,9 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     ckpt = _read_resume(ckpt_path, fp, resume, rank, world, launch_id)
     seed_everything(cfg.seed)
     model = _seeded_model(params, mcfg, device)
+    frozen = model.freeze_image(effective_freeze(params, mcfg, rank))
+    if rank == 0 and frozen:
+        tqdm.write(f"train.freeze_image {cfg.freeze_image!r}: {len(frozen)} encoder tensors frozen", file=sys.stderr)
     opt = make_optimizer(model, cfg.scaled_lr(), cfg.weight_decay)
     rows, val_rows = kept_rows(train_data.labels, classes), kept_rows(val_data.labels, classes)
     origins = split_origins(params.paths.prepared, "train")
@@ -466,13 +532,15 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     caption_ids, caption_features = _captions(params, rows, device)
     run = _Run(params, rank, world, device, model, step_module, opt, sched, tiles, labels, classes,
                np.asarray(val_data.images[val_rows]), np.asarray(val_data.labels)[val_rows], is_real, balance_labels,
-               caption_ids, caption_features, generators, ckpt_path, fp, launch_id=launch_id)
+               caption_ids, caption_features, generators, ckpt_path, fp, launch_id=launch_id,
+               tower_cache=_tower_cache(params, model, train_data, rows, rank, world, device))
     # Checkpoints from before the run log was generic name it mlflow_run_id.
     resumed_run_id = ckpt and (ckpt.get("run_id") or ckpt.get("mlflow_run_id"))
     with open_log(resumed_run_id) if rank == 0 else contextlib.nullcontext(NoRunLog()) as log:
         run.log = log
         if rank == 0:
-            log.set_tags({"data_path": "device" if tiles.on_device else "loader"})
+            log.set_tags({"data_path": "device" if tiles.on_device else "loader",
+                          **(model.cfg.provenance or {"pretrained": "none"})})
             if ckpt is not None:
                 log.log_metrics({"resumed_from_step": prog.step}, step=prog.step)
         if ckpt is not None:  # last, so nothing above draws from the restored streams
