@@ -53,12 +53,15 @@ def make_tile(path: Path, data: np.ndarray | None = None, *, bands: int = 13, si
 TINY_ENCODER = "test_resnet"  # timm's 0.4M-parameter test net: fast to build, log and run
 
 
-def make_model_dir(path: Path, seed: int = 0, embed_dim: int = 32, spectral_stats: bool = False) -> Path:
-    """Save a tiny untrained GeoCLIP (random prompt features, no sentence encoder) into ``path``."""
+def make_model_dir(path: Path, seed: int = 0, embed_dim: int = 32, spectral_stats: bool = False,
+                   input_size: int = 0, feature_stages: tuple[int, ...] = ()) -> Path:
+    """Save a tiny untrained GeoCLIP (random prompt features, no sentence encoder) into ``path``; ``input_size`` and
+    ``feature_stages`` as a pretrained prior's model has them (tiles resized inside, stages pooled)."""
     torch.manual_seed(seed)
     cfg = ModelConfig(image_encoder=TINY_ENCODER, embed_dim=embed_dim, band_names=list(ALL_BAND_NAMES),
                       class_names=list(EUROSAT_CLASSES), prompts=[[f"an image of {c}."] for c in EUROSAT_CLASSES],
-                      band_mean=[1500.0] * 13, band_std=[800.0] * 13, spectral_stats=spectral_stats)
+                      band_mean=[1500.0] * 13, band_std=[800.0] * 13, spectral_stats=spectral_stats,
+                      input_size=input_size, feature_stages=list(feature_stages))
     save_model(GeoCLIP(cfg, prompt_features=torch.randn(len(EUROSAT_CLASSES), 1, 384)), path)
     return path
 

@@ -102,7 +102,7 @@ def tower_features(encoder: nn.Module, x: torch.Tensor, input_size: int = 0,
                    stages: tuple[int, ...] | list[int] = ()) -> torch.Tensor:
     """The encoder's pooled features of standardised tiles: resized to ``input_size`` first (0: as they are), and
     with the pooled outputs of ``stages`` (timm feature_info indices) before the final pooled features."""
-    if input_size and x.shape[-1] != input_size:
+    if input_size:  # unconditionally (no branch on the shape): a traced export resizes any tile size alike
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
     if not stages:
         return encoder(x)

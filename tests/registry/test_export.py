@@ -1,5 +1,6 @@
 """Tests for geoclip.registry.export: TorchScript export served without geoclip, checked against PyTorch, written atomically."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -176,3 +177,20 @@ def test_cli_exports_checked_on_the_test_pack(tmp_path, capsys):
     assert meta["out_dir"] == str(tmp_path / "model/export") and meta["checked_batch_sizes"] == [3, 1]
     assert main(["--params", str(params), "export", "--model", str(tmp_path / "none")]) == 2
     assert "expected a folder written by save_model" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_model_that_resizes_tiles_and_pools_stages_exports_the_same_embeddings(tmp_path, fmt):
+    """A prior's model resizes 64 px tiles to its input size inside the model: the export does the same."""
+    if fmt == "onnx" and not HAS_ONNX:
+        pytest.skip("onnx, onnxruntime, onnxscript not installed")
+    model_dir = make_model_dir(tmp_path / "model", spectral_stats=True, input_size=96, feature_stages=(1, 2))
+    meta = export_model(model_dir, tmp_path / "export", fmt=fmt)
+    assert meta["max_abs_diff"] <= 1e-4 and meta["input_size"] == 96  # checked against the resizing model
+    model = load_model(model_dir)
+    x = torch.from_numpy(tiles5().astype(np.float32))
+    with torch.no_grad():
+        resized = model.encode_image(x)
+        model.cfg = dataclasses.replace(model.cfg, input_size=0)
+        assert not torch.allclose(resized, model.encode_image(x), atol=1e-3)  # the resize is part of the model

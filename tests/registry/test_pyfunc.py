@@ -130,3 +130,15 @@ def test_classes_param_answers_over_any_class_list(tmp_path):
         with pytest.raises(GeoclipError, match=message):
             served.predict(x, params=params)
     assert served.metadata.get_output_schema().inputs[0].shape == (-1, -1)  # one column per requested class
+
+
+def test_pyfunc_of_a_model_that_resizes_tiles_predicts_like_torch(tmp_path):
+    """The served model resizes 64 px tiles to its input size itself (a pretrained prior's model)."""
+    model_dir = make_model_dir(tmp_path / "model", spectral_stats=True, input_size=96, feature_stages=(1, 2))
+    batch = synthetic_tiles(3)
+    loaded = mlflow.pyfunc.load_model(str(save_pyfunc(model_dir, batch[:2], tmp_path / "pyfunc")))
+    out = loaded.predict(batch)
+    probs, emb = torch_predict(model_dir, batch)
+    np.testing.assert_allclose(out["probabilities"], probs, atol=1e-5)
+    np.testing.assert_allclose(out["embeddings"], emb, atol=1e-5)
+    assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 13, 64, 64)  # users send tiles as they are

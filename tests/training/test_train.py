@@ -547,3 +547,56 @@ def test_caption_weight_without_captions_trains_as_without_and_says_so(tmp_path,
 def test_bad_caption_weight_is_named(tmp_path, store, opts):
     with pytest.raises(GeoclipError, match="train.caption_weight"):
         _train(_tiny(tmp_path, store, **opts))
+
+
+def _mark_sources(prepared: Path, real_classes: tuple[str, ...]) -> None:
+    """Record each tile's source in index.csv: the tiles of ``real_classes`` real, the rest synthetic."""
+    index = pd.read_csv(prepared / "index.csv")
+    index["source"] = np.where(index["class"].isin(real_classes), "/data/EuroSAT_MS", "synthetic")
+    index.to_csv(prepared / "index.csv", index=False)
+
+
+def test_a_frozen_prior_trains_from_its_cached_features_reproducibly_and_records_its_provenance(tmp_path, capsys):
+    """train.pretrained auto with real tiles: the prior, frozen (its weights unchanged), its features computed once
+    and then read from the cache; the same run twice gives the same weights; the MLflow run tags the prior."""
+    from geoclip.model.pretrained import DEFAULT_PRIOR, get_source, load_pretrained
+
+    make_packs(tmp_path / "prepared", per_class=8, size=32)
+    _mark_sources(tmp_path / "prepared", (CLASSES[0],))
+    states = []
+    for name in ("a", "b"):
+        d = tiny_params_dict(tmp_path, epochs=2, batch_size=8, pretrained="auto", freeze_image="all", input_size=32)
+        d["paths"]["model"] = str(tmp_path / name)
+        result = train(params_from_dict(d))
+        states.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
+    err = capsys.readouterr().err
+    assert "encoder features of 18 tiles x 8 views, 18 computed" in err
+    assert "encoder features of 18 tiles x 8 views, 0 computed, 18 from" in err
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    model = load_model(tmp_path / "a")
+    source = get_source(DEFAULT_PRIOR)
+    assert model.cfg.pretrained == DEFAULT_PRIOR and model.cfg.image_encoder == source.architecture
+    assert model.cfg.spectral_stats and model.cfg.feature_stages == list(source.feature_stages)
+    released = load_model(tmp_path / "a").image_encoder
+    load_pretrained(released, source, list(model.cfg.band_names))  # the package's weights, adapted to the bands
+    trained_encoder = model.image_encoder.state_dict()
+    assert all(torch.equal(v, trained_encoder[k]) for k, v in released.state_dict().items())
+    tags = mlflow.get_run(result["run_id"]).data.tags
+    assert tags["pretrained"] == DEFAULT_PRIOR and tags["pretrained_sha256"] == source.sha256
+
+
+def test_auto_trains_synthetic_only_data_without_a_prior_and_says_freezing_is_ignored(tmp_path, capsys):
+    make_packs(tmp_path / "prepared", per_class=8, size=32)
+    _mark_sources(tmp_path / "prepared", ())
+    d = tiny_params_dict(tmp_path, epochs=1, batch_size=8, image_encoder=TINY_ENCODER, pretrained="auto",
+                         freeze_image="all")
+    train(params_from_dict(d))
+    model = load_model(tmp_path / "model")
+    assert model.cfg.pretrained == "" and model.cfg.image_encoder == TINY_ENCODER and not model.cfg.provenance
+    assert "train.freeze_image 'all' ignored: the encoder starts from random weights" in capsys.readouterr().err
+
+
+def test_an_unknown_prior_is_named_before_training(tmp_path):
+    make_packs(tmp_path / "prepared", per_class=8, size=32)
+    with pytest.raises(GeoclipError, match="train.pretrained: unknown source 'vit/laion'"):
+        train(params_from_dict(tiny_params_dict(tmp_path, pretrained="vit/laion")))
