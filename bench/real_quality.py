@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     synthetic = synthetic_rows(params, args.work) if set("abgh") & set(args.rows) else None
     zero_shot = zero_shot_g = None
+    served: dict[str, np.ndarray] = {}  # the synthetic-only models' embeddings of the real tiles, for linear probes
     if "f" in args.rows:
         from prior_baselines import prior_features
 
@@ -213,19 +214,20 @@ def main(argv: list[str] | None = None) -> None:
         prior_f = prior_features(images, get_source(PRIOR))
         results["f+d"] = []
     if "g" in args.rows:  # the synthetic-only model with the prior, scored on every test fold
-        from geoclip.model.clip import load_model
-        from geoclip.training.evaluate import predict_probs
+        from geoclip.model.clip import load_model, predict_batches
 
         run_geoclip(prior, args.work / "g", pd.concat([synthetic, real.assign(split="test")], ignore_index=True))
-        zero_shot_g = predict_probs(load_model(args.work / "g" / "model"), images, 256,
-                                    tta=params.evaluate.tta).argmax(1)
+        probs_g, emb_g = predict_batches(load_model(args.work / "g" / "model"), images, 256, tta=params.evaluate.tta)
+        zero_shot_g = probs_g.argmax(1)
+        served["g-probe"], results["g-probe"] = emb_g, []
     if "a" in args.rows:  # one synthetic-only model, scored on every test fold
-        from geoclip.training.evaluate import predict_probs
-        from geoclip.model.clip import load_model
+        from geoclip.model.clip import load_model, predict_batches
 
         run_geoclip(params, args.work / "a", pd.concat([synthetic, real.assign(split="test")], ignore_index=True))
         model = load_model(args.work / "a" / "model")
-        zero_shot = predict_probs(model, images, 256, tta=params.evaluate.tta).argmax(1)
+        probs_a, emb_a = predict_batches(model, images, 256, tta=params.evaluate.tta)
+        zero_shot = probs_a.argmax(1)
+        served["a-probe"], results["a-probe"] = emb_a, []
         # The generator's spectra were calibrated on the dev tiles: the others are the honest zero-shot test.
         held_out = ~real["path"].str.contains(f"{Path(CALIBRATION_TILES).name}/").to_numpy()
         results["a_not_calibrated"] = [float((zero_shot[held_out] == labels[held_out]).mean())]
@@ -236,6 +238,13 @@ def main(argv: list[str] | None = None) -> None:
         split = np.where(test, "test", np.where(val, "val", "train"))
         fold_real = real.assign(split=split)
         train_mask = split == "train"
+        fit = train_mask | val  # the baselines tune by inner CV on all training folds
+
+        def probe(f: np.ndarray, fit: np.ndarray = fit, test: np.ndarray = test) -> float:
+            return float((logistic(f[fit], labels[fit], f[test]) == labels[test]).mean())
+
+        for row, emb in served.items():
+            results[row].append(probe(emb))
         if "a" in args.rows:
             results["a"].append(float((zero_shot[test] == labels[test]).mean()))
         for row, recipe in (("b", params), ("h", prior)):
@@ -243,6 +252,12 @@ def main(argv: list[str] | None = None) -> None:
                 m = run_geoclip(recipe, args.work / f"{row}{k}", pd.concat([synthetic, fold_real], ignore_index=True))
                 results[row].append(m["real_test_top1"])
                 recall[row].append({c: v["real_recall"] for c, v in m["per_class"].items()})
+                if row == "h":  # a linear probe on the served embeddings of this fold's model
+                    from geoclip.model.clip import load_model, predict_batches
+
+                    _, emb = predict_batches(load_model(args.work / f"h{k}" / "model"), images, 256,
+                                             tta=params.evaluate.tta)
+                    results.setdefault("h-probe", []).append(probe(emb, fit, test))
         if "g" in args.rows:
             results["g"].append(float((zero_shot_g[test] == labels[test]).mean()))
         if "c" in args.rows:  # as many optimiser steps as (b) takes: a fair budget for the smaller set
@@ -251,7 +266,6 @@ def main(argv: list[str] | None = None) -> None:
             epochs_c = max(1, round(params.train.epochs * steps_b / steps_c_per_epoch))
             scratch = replace(params, train=replace(params.train, real_share=0.0, epochs=epochs_c))
             results["c"].append(run_geoclip(scratch, args.work / f"c{k}", fold_real)["real_test_top1"])
-        fit = train_mask | val  # the baselines tune by inner CV on all training folds
         for row, feats in (("d", features_mean_std), ("e", features_indices)):
             if row in args.rows:
                 f = feats(images)
@@ -276,7 +290,9 @@ def main(argv: list[str] | None = None) -> None:
              "f+d": "logistic regression, frozen prior features + band mean/std",
              "g": f"geoclip with {PRIOR}, synthetic only, zero-shot",
              "h": f"geoclip with {PRIOR}, synthetic + real training folds",
-             "i": f"{PRIOR} fine-tuned as a plain classifier, real training folds"}
+             "i": f"{PRIOR} fine-tuned as a plain classifier, real training folds",
+             "a-probe": "logistic regression on (a)'s served embeddings", "g-probe": "the same on (g)'s",
+             "h-probe": "the same on each fold's (h) model"}
     print(f"\n{len(real)} real tiles, {args.k}-fold stratified CV (seed {args.seed}), folds {chosen}; "
           f"recipe {args.params.name}: epochs {params.train.epochs}, synthetic {params.synth.tiles_per_class}/class, "
           f"real_share {params.train.real_share}, overrides {args.set}\n")

@@ -8,6 +8,7 @@ instead, plus the means; and the same recipe trained on all ten classes for the 
     python bench/unseen_classes.py --epochs 4 --synthetic-per-class 100      # about 3 min a run on 2 CPU cores
     python bench/unseen_classes.py --classes SeaLake,Forest
     python bench/unseen_classes.py --descriptions bench/attribute_descriptions.yaml --caption-weight 0.5
+    python bench/unseen_classes.py --pretrained efficientnet_lite0/imagenet --work bench/results/unseen_prior
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def run(params: Params, work: Path, holdout: str) -> dict:
     paths = replace(params.paths, prepared=str(work / "prepared"), reports=str(work / "reports"),
                     model=str(work / "model"), eval=str(work / "eval"))
     p = replace(params, paths=paths, train=replace(params.train, holdout_class=holdout))
+    shared = work.parent / "feature_cache"  # one frozen-encoder cache for every run: the tiles recur
+    shared.mkdir(parents=True, exist_ok=True)
+    if not (work / "feature_cache").exists():
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "feature_cache").symlink_to(shared.resolve())
     prepare(p)
     train(p)
     metrics = evaluate(p)
@@ -61,6 +67,8 @@ def main() -> None:
     ap.add_argument("--descriptions", type=Path, default=None,
                     help="a YAML file whose 'descriptions' replace classes.descriptions (e.g. "
                          "bench/attribute_descriptions.yaml)")
+    ap.add_argument("--pretrained", default="",
+                    help="train with this pretrained prior, encoder frozen (e.g. efficientnet_lite0/imagenet)")
     ap.add_argument("--work", type=Path, default=Path("bench/results/unseen_classes"))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"unseen_classes_{date.today()}.json")
     args = ap.parse_args()
@@ -71,6 +79,8 @@ def main() -> None:
         data["train"]["caption_weight"] = args.caption_weight
     if args.descriptions is not None:
         data["classes"]["descriptions"] = yaml.safe_load(args.descriptions.read_text())["descriptions"]
+    # Synthetic tiles only: "auto" would train without a prior; --pretrained names one, frozen (its features cached).
+    data["train"] |= {"pretrained": args.pretrained, "freeze_image": "all"}
     data["ingest"]["source"] = "synthetic"
     data["classes"]["names"] = list(EUROSAT_CLASSES)
     data["paths"] |= {"raw": str(args.work / "raw"), "synthetic": str(args.work / "synthetic")}
@@ -100,6 +110,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": str(date.today()), "epochs": args.epochs,
                                     "caption_weight": params.train.caption_weight,
+                                    "pretrained": params.train.pretrained,
                                     "descriptions": params.classes.descriptions,
                                     "synthetic_per_class": args.synthetic_per_class, "mean": mean, "rows": rows},
                                    indent=2) + "\n")

@@ -119,13 +119,27 @@ def input_example(params: Params, n: int = 2) -> np.ndarray:
     return np.stack([read_tile(Path(params.paths.raw) / p) for p in paths]).astype(np.uint16)
 
 
-def prior_tags(model_dir: str | Path) -> dict[str, str]:
-    """What the saved model records of its pretrained prior (``pretrained: none`` without one), as version tags."""
+def prior_provenance(model_dir: str | Path) -> dict[str, str]:
+    """What the saved model records of its pretrained prior (empty without one)."""
     path = Path(model_dir) / "model_config.json"
-    cfg = json.loads(path.read_text()) if path.exists() else {}
-    provenance = cfg.get("provenance") or {}
-    keep = ("pretrained", "pretrained_package", "pretrained_sha256", "pretrained_licence", "pretrained_trained_on")
-    return {k: str(provenance[k]) for k in keep if k in provenance} or {"pretrained": "none"}
+    return dict(json.loads(path.read_text()).get("provenance") or {}) if path.exists() else {}
+
+
+def prior_tags(model_dir: str | Path) -> dict[str, str]:
+    """The version tag of the model's prior, its name (none without one); its package release, licence, digest and
+    training data go into the description (few tags: the registry page shows them all)."""
+    provenance = prior_provenance(model_dir)
+    return {"pretrained": provenance["pretrained"]} if provenance else {}
+
+
+def prior_line(model_dir: str | Path) -> str:
+    """The description's line on the prior."""
+    p = prior_provenance(model_dir)
+    if not p:
+        return "Prior: none (image encoder trained from random weights)."
+    return (f"Prior: {p['pretrained']} ({p.get('pretrained_architecture', '')}, {p.get('pretrained_package', '')}, "
+            f"licence {p.get('pretrained_licence', '')}, sha256 {p.get('pretrained_sha256', '')[:12]}; trained on "
+            f"{p.get('pretrained_trained_on', '')}).")
 
 
 def describe(params: Params, tags: dict[str, str], metrics: dict[str, float], counts: dict[str, int],
@@ -140,10 +154,9 @@ def describe(params: Params, tags: dict[str, str], metrics: dict[str, float], co
         + f"; {gate['reason']}; git {tags['git_revision'][:12]}; data {tags.get('data_version', 'unknown')[:12]}.",
         (f"Data: data_version {tags.get('data_version', 'unknown')}; tiles {tiles}; "
          f"{len(params.bands)} bands {' '.join(params.bands)}."),
-        (f"Prior: {tags['pretrained']} ({tags.get('pretrained_package', '')}, {tags.get('pretrained_licence', '')}; "
-         f"trained on {tags.get('pretrained_trained_on', '')})." if tags.get("pretrained", "none") != "none"
-         else "Prior: none (image encoder trained from random weights)."),
-        (f"Params: encoder {t.image_encoder}, loss {t.loss}, epochs {t.epochs}, batch {t.batch_size}, "
+        prior_line(params.paths.model),
+        (f"Params: encoder {prior_provenance(params.paths.model).get('pretrained_architecture') or t.image_encoder}, "
+         f"loss {t.loss}, epochs {t.epochs}, batch {t.batch_size}, "
          f"lr {lr_text(t)}, embed_dim {t.embed_dim}, holdout_class {tags.get(HOLDOUT_TAG, 'none')}; "
          f"params_hash {tags['params_hash'][:12]} (sha256 of {'/'.join(MODEL_SECTIONS)})."),
         "Metrics: " + (", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) or "none") + ".",

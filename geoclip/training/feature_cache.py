@@ -79,14 +79,14 @@ def cached_features(model: GeoCLIP, images: np.ndarray, rows: np.ndarray, cache_
     folder = Path(cache_dir) / encoder_key(model)
     keys = tile_keys(images, rows)
     known: dict[bytes, int] = {}
-    stored = np.zeros((0, N_VIEWS, 0), np.float16)
+    stored, stored_keys = np.zeros((0, N_VIEWS, 0), np.float16), np.zeros(0, "S40")
     if (folder / CACHE_FILE).exists():
         try:
             with np.load(folder / CACHE_FILE) as cache:
                 stored, stored_keys = cache["features"], cache["keys"]
             known = {k: i for i, k in enumerate(stored_keys)} if len(stored_keys) == len(stored) else {}
         except (ValueError, OSError, KeyError, EOFError):  # a damaged cache is only a cache: recompute
-            known = {}
+            known, stored_keys = {}, np.zeros(0, "S40")
     todo = np.array([i for i, k in enumerate(keys) if k not in known], dtype=np.int64)
     hits = np.array([i for i, k in enumerate(keys) if k in known], dtype=np.int64)
     fresh = compute_features(model, images, rows[todo], batch_size, device)
@@ -97,8 +97,13 @@ def cached_features(model: GeoCLIP, images: np.ndarray, rows: np.ndarray, cache_
     if len(hits):
         features[hits] = stored[[known[keys[i]] for i in hits]]
     if len(todo):
+        # Tiles cached before and not asked for now stay (another split, a held-out class's run, another fold).
+        asked = set(keys)
+        others = np.array([i for i in known.values() if stored_keys[i] not in asked], dtype=np.int64)
+        all_keys = np.concatenate([keys, stored_keys[others]]) if len(others) else keys
+        all_features = np.concatenate([features, stored[others]]) if len(others) else features
         with atomic_path(folder / CACHE_FILE) as tmp, open(tmp, "wb") as f:
-            np.savez(f, features=features, keys=keys)
+            np.savez(f, features=all_features, keys=all_keys)
         _prune(Path(cache_dir), keep=folder)
     return features, len(todo)
 

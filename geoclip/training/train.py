@@ -540,6 +540,7 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
         run.log = log
         if rank == 0:
             log.set_tags({"data_path": "device" if tiles.on_device else "loader",
+                          "image_encoder": model.cfg.image_encoder,  # a prior's architecture replaces the param's
                           **(model.cfg.provenance or {"pretrained": "none"})})
             if ckpt is not None:
                 log.log_metrics({"resumed_from_step": prog.step}, step=prog.step)

@@ -178,6 +178,10 @@ def test_the_feature_cache_reuses_tiles_and_recomputes_changed_tiles_and_weights
     images[3, 0, 0, 0] += 1  # one changed pixel in one tile
     _, computed = cached_features(model, images, rows, tmp_path, 2, torch.device("cpu"))
     assert computed == 1
+    _, computed = cached_features(model, images, np.array([0, 1]), tmp_path, 2, torch.device("cpu"))
+    assert computed == 1  # tile 1 is new, tile 0 cached
+    _, computed = cached_features(model, images, rows, tmp_path, 2, torch.device("cpu"))
+    assert computed == 0  # ...and the tiles of the run before stayed cached too
     with torch.no_grad():
         model.image_encoder.conv_head.weight.mul_(1.01)  # other weights: another cache
     _, computed = cached_features(model, images, rows, tmp_path, 2, torch.device("cpu"))

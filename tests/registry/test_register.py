@@ -117,7 +117,8 @@ def test_gate_tags_and_description_through_register(params):
     assert len(v1.tags) <= 9, sorted(v1.tags)  # few enough for the version page to show them all
     assert v1.tags["params_hash"] == params_hash(params) == first["params_hash"]
     assert v1.tags["data_version"] == data_version(params.paths.prepared) == first["data_version"]
-    assert v1.tags["git_revision"] and "holdout_class" not in v1.tags
+    assert v1.tags["git_revision"] and "holdout_class" not in v1.tags and "pretrained" not in v1.tags
+    assert "Prior: none" in v1.description
     assert v1.tags[DIGEST_TAG] == logged_model_digest(f"models:/{name}/1")  # what scoring checks before loading
     for text in [f"data_version {first['data_version']}", "tiles test 3", "13 bands B01",
                  f"encoder {params.train.image_encoder}", f"loss {params.train.loss}",
@@ -385,3 +386,24 @@ def test_the_description_gives_the_learning_rate_the_run_trained_at():
     assert lr_text(params_from_dict({"train": {"lr": 0.001}}).train) == "0.001"
     scaled = params_from_dict({"train": {"lr": 0.001, "batch_size": 512, "lr_scaling": "sqrt"}}).train
     assert lr_text(scaled) == "0.002 (sqrt from 0.001 at batch 128)"
+
+
+def test_a_versions_tags_and_description_name_its_pretrained_prior(params):
+    """The prior's name and package release as tags, its licence, digest and training data in the description."""
+    from geoclip.model.pretrained import DEFAULT_PRIOR, get_source
+
+    source = get_source(DEFAULT_PRIOR)
+    config = Path(params.paths.model) / "model_config.json"
+    saved = json.loads(config.read_text())
+    config.write_text(json.dumps(saved | {"pretrained": DEFAULT_PRIOR, "provenance": source.provenance()}))
+    try:
+        trained(params, 0.5)
+        version = register(params)["version"]
+    finally:
+        config.write_text(json.dumps(saved))
+    v = MlflowClient(params.mlflow.tracking_uri).get_model_version(params.register.model_name, version)
+    assert v.tags["pretrained"] == DEFAULT_PRIOR and len(v.tags) <= 10
+    for text in (f"Prior: {DEFAULT_PRIOR}", f"{source.package}=={source.version}", "licence Apache-2.0",
+                 source.sha256[:12], "ImageNet-1k",
+                 f"encoder {source.architecture}"):
+        assert text in v.description, text
