@@ -117,7 +117,7 @@ def effective_freeze(params: Params, mcfg: ModelConfig, rank: int = 1) -> str:
     randomly initialised one, which has nothing to keep (said once, on rank 0)."""
     spec = params.train.freeze_image.strip().lower()
     if spec != "none" and not (mcfg.pretrained or params.train.init_weights):
-        if rank == 0:
+        if rank == 0 and params.train.pretrained != "auto":  # auto without real tiles: no prior, nothing to say
             tqdm.write(f"note: train.freeze_image {spec!r} ignored: the encoder starts from random weights (no "
                        "train.pretrained or init_weights)", file=sys.stderr)
         return "none"

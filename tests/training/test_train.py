@@ -150,6 +150,15 @@ def test_recipe_params_out_of_range_are_named(tmp_path, key, value):
         params_from_dict(tiny_params_dict(tmp_path, **{key: value}))
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("input_size", -1, "train.input_size: -1; expected a side in pixels"),
+    ("freeze_image", "stage two", "train.freeze_image: 'stage two'; expected none, all, or 'stage N'"),
+    ("feature_stages", [2.5], r"train.feature_stages\[0\]: expected int")])
+def test_prior_params_out_of_range_are_named(tmp_path, key, value, message):
+    with pytest.raises(GeoclipError, match=message):
+        params_from_dict(tiny_params_dict(tmp_path, **{key: value}))
+
+
 def test_missing_packs_raise_geoclip_error(tmp_path):
     params = params_from_dict(tiny_params_dict(tmp_path))
     with pytest.raises(GeoclipError, match="train_images.npy: not found"):
@@ -585,15 +594,20 @@ def test_a_frozen_prior_trains_from_its_cached_features_reproducibly_and_records
     assert tags["pretrained"] == DEFAULT_PRIOR and tags["pretrained_sha256"] == source.sha256
 
 
-def test_auto_trains_synthetic_only_data_without_a_prior_and_says_freezing_is_ignored(tmp_path, capsys):
+def test_auto_trains_synthetic_only_data_without_a_prior_and_a_random_encoder_is_never_frozen(tmp_path, capsys):
     make_packs(tmp_path / "prepared", per_class=8, size=32)
     _mark_sources(tmp_path / "prepared", ())
-    d = tiny_params_dict(tmp_path, epochs=1, batch_size=8, image_encoder=TINY_ENCODER, pretrained="auto",
-                         freeze_image="all")
-    train(params_from_dict(d))
-    model = load_model(tmp_path / "model")
-    assert model.cfg.pretrained == "" and model.cfg.image_encoder == TINY_ENCODER and not model.cfg.provenance
-    assert "train.freeze_image 'all' ignored: the encoder starts from random weights" in capsys.readouterr().err
+    for name, prior in (("auto", "auto"), ("none", "")):
+        d = tiny_params_dict(tmp_path, epochs=1, batch_size=8, image_encoder=TINY_ENCODER, pretrained=prior,
+                             freeze_image="all")
+        d["paths"]["model"] = str(tmp_path / name)
+        train(params_from_dict(d))
+        model = load_model(tmp_path / name)
+        assert model.cfg.pretrained == "" and model.cfg.image_encoder == TINY_ENCODER and not model.cfg.provenance
+        err = capsys.readouterr().err
+        # auto chose no prior itself: nothing to say; an explicit "" with freeze_image all is told it is ignored
+        assert ("train.freeze_image 'all' ignored: the encoder starts from random weights" in err) == (prior == "")
+        assert "encoder tensors frozen" not in err
 
 
 def test_an_unknown_prior_is_named_before_training(tmp_path):
