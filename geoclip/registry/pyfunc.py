@@ -150,7 +150,8 @@ def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray, tta: bool =
             metadata={"class_names": list(cfg.class_names), "band_names": list(cfg.band_names),
                       "input_band_names": list(cfg.input_band_names), "tile_size": cfg.tile_size,
                       "embed_dim": cfg.embed_dim, "image_encoder": cfg.image_encoder,
-                      "processing_level": cfg.processing_level},
+                      "processing_level": cfg.processing_level, "input_size": cfg.input_size or cfg.tile_size,
+                      "pretrained": cfg.pretrained or "none", "provenance": dict(cfg.provenance)},
         )
 
 

@@ -225,6 +225,7 @@ class _Run:
     launch_id: str = ""  # an elastic launch's identity, kept in its checkpoints (see train)
     # A frozen encoder's features (kept training tiles, 8 views, features), float16 on the device; None: computed
     tower_cache: torch.Tensor | None = None
+    val_tower: torch.Tensor | None = None  # the same for the validation tiles, view 0 (rank 0 only)
 
 
 def _save(run: _Run, prog: _Progress) -> None:
@@ -326,9 +327,25 @@ def _train_batches(run: _Run, prog: _Progress, batches: list[torch.Tensor]) -> N
     bar.close()
 
 
+@torch.no_grad()
+def _val_probs_from_cache(run: _Run) -> np.ndarray:
+    """Validation probabilities with a frozen encoder: its cached features of each tile as it is (view 0)."""
+    model, bs = run.model, run.params.evaluate.batch_size
+    model.eval()
+    classes, out = model.class_embeddings(), []
+    for s in range(0, len(run.val_x), bs):
+        x = torch.from_numpy(np.asarray(run.val_x[s:s + bs]).astype(np.float32)).to(run.device)
+        emb = model.encode_image(x, tower=run.val_tower[s:s + bs].float())
+        out.append((model.scale() * emb @ classes.T).softmax(dim=-1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(model.cfg.class_names)), np.float32)
+
+
 def _val_top1(run: _Run) -> float:
     """Zero-shot top-1 on the validation tiles, choosing among the trained classes only."""
-    probs = predict_probs(run.model, run.val_x, run.params.evaluate.batch_size, run.device)
+    if run.val_tower is not None:
+        probs = _val_probs_from_cache(run)
+    else:
+        probs = predict_probs(run.model, run.val_x, run.params.evaluate.batch_size, run.device)
     pred = np.asarray(run.classes)[probs[:, run.classes].argmax(axis=1)]
     return float((pred == run.val_y).mean())
 
@@ -534,6 +551,8 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
                np.asarray(val_data.images[val_rows]), np.asarray(val_data.labels)[val_rows], is_real, balance_labels,
                caption_ids, caption_features, generators, ckpt_path, fp, launch_id=launch_id,
                tower_cache=_tower_cache(params, model, train_data, rows, rank, world, device))
+    if run.tower_cache is not None and rank == 0:  # validation reads the cache too (the same tiles every epoch)
+        run.val_tower = _tower_cache(params, model, val_data, val_rows, 0, 1, device)[:, 0]
     # Checkpoints from before the run log was generic name it mlflow_run_id.
     resumed_run_id = ckpt and (ckpt.get("run_id") or ckpt.get("mlflow_run_id"))
     with open_log(resumed_run_id) if rank == 0 else contextlib.nullcontext(NoRunLog()) as log:

@@ -142,3 +142,4 @@ def test_pyfunc_of_a_model_that_resizes_tiles_predicts_like_torch(tmp_path):
     np.testing.assert_allclose(out["probabilities"], probs, atol=1e-5)
     np.testing.assert_allclose(out["embeddings"], emb, atol=1e-5)
     assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 13, 64, 64)  # users send tiles as they are
+    assert loaded.metadata.metadata["input_size"] == 96 and loaded.metadata.metadata["pretrained"] == "none"

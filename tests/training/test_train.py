@@ -592,6 +592,11 @@ def test_a_frozen_prior_trains_from_its_cached_features_reproducibly_and_records
     assert all(torch.equal(v, trained_encoder[k]) for k, v in released.state_dict().items())
     tags = mlflow.get_run(result["run_id"]).data.tags
     assert tags["pretrained"] == DEFAULT_PRIOR and tags["pretrained_sha256"] == source.sha256
+    # Validation read the cached features: the saved best model, run in full, agrees with what it recorded.
+    from geoclip.training.evaluate import predict_probs
+
+    val_x, val_y = np.load(tmp_path / "prepared/val_images.npy"), np.load(tmp_path / "prepared/val_labels.npy")
+    assert float((predict_probs(model, val_x, 8).argmax(1) == val_y).mean()) == result["best_val_top1"]
 
 
 def test_auto_trains_synthetic_only_data_without_a_prior_and_a_random_encoder_is_never_frozen(tmp_path, capsys):
