@@ -50,8 +50,17 @@ def cmd_train(args) -> None:
     if args.in_process:
         _print(stages.train(load_params(args.params), resume=args.resume))
     else:
-        load_params(args.params)  # fail fast on bad params before starting workers
+        from geoclip.model.pretrained import check_available
+
+        check_available(load_params(args.params).train.pretrained)  # fail fast, before starting workers
         stages.launch_training(args.params, resume=args.resume)
+
+
+def cmd_priors(args) -> None:
+    """List the pretrained image priors train.pretrained can name, and whether their weights are installed."""
+    from geoclip.model.pretrained import list_sources
+
+    _print(list_sources())
 
 
 def cmd_evaluate(args) -> None:
@@ -231,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--params", default=argparse.SUPPRESS, help="params file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in [("ingest", cmd_ingest), ("validate", cmd_validate), ("prepare", cmd_prepare),
-                     ("evaluate", cmd_evaluate), ("register", cmd_register), ("relocate", cmd_relocate)]:
+                     ("evaluate", cmd_evaluate), ("register", cmd_register), ("relocate", cmd_relocate),
+                     ("priors", cmd_priors)]:
         sub.add_parser(name, help=fn.__doc__, parents=[common]).set_defaults(func=fn)
     p = sub.add_parser("train", help=cmd_train.__doc__, parents=[common])
     p.add_argument("--in-process", action="store_true", help="run in this process instead of torchrun")

@@ -52,3 +52,20 @@ def test_params_is_accepted_after_the_command_too(tmp_path, capsys):
     bad.write_text("prepare:\n  split: random\n")
     assert main(["prepare", "--params", str(bad)]) == 2
     assert "prepare.split: 'random'; expected 'stratified' or 'spatial'" in capsys.readouterr().err
+
+
+def test_priors_lists_each_source_and_whether_its_weights_are_installed(capsys):
+    import json
+
+    assert main(["priors"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["name"] == "efficientnet_lite0/imagenet" and row["bands"] == "B04 B03 B02"
+    assert row["weights"].startswith("ok: ") and row["weights"].endswith(".pth")
+
+
+def test_train_names_an_unknown_prior_before_starting_any_worker(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  pretrained: vit/laion\n")
+    assert main(["--params", str(params), "train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.pretrained: unknown source 'vit/laion'") and "\n" not in err

@@ -185,3 +185,26 @@ def load_pretrained(encoder: nn.Module, source: PretrainedSource, band_names: li
                                f"the encoder's {key} {tuple(want.shape)}; expected the same architecture")
     encoder.load_state_dict(new, strict=False)
     return {"loaded": len(new) - adapted, "adapted": adapted}
+
+
+def check_available(name: str) -> None:
+    """Fail fast (before any worker starts) when ``name`` ("" / "auto" aside) is unknown, missing or changed."""
+    if name == "auto":
+        name = DEFAULT_PRIOR  # may be needed: real tiles decide at training time
+    if name:
+        weights_path(get_source(name))
+
+
+def list_sources() -> list[dict[str, str]]:
+    """Every known source, whether its weights are installed and intact, and where they come from."""
+    rows = []
+    for source in SOURCES.values():
+        try:
+            status = f"ok: {weights_path(source)}"
+        except GeoclipError as exc:
+            status = str(exc).removeprefix("train.pretrained: ")
+        rows.append({"name": source.name, "architecture": source.architecture,
+                     "package": f"{source.package}=={source.version}", "licence": source.licence,
+                     "trained_on": source.trained_on, "bands": " ".join(source.band_names),
+                     "input_size": str(source.input_size), "weights": status})
+    return rows
