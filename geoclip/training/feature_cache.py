@@ -38,8 +38,21 @@ def encoder_key(model: GeoCLIP) -> str:
     spec = {"encoder": model.cfg.image_encoder, "input_size": model.cfg.input_size,
             "stages": list(model.cfg.feature_stages), "views": N_VIEWS}
     digest.update(json.dumps(spec, sort_keys=True).encode())
-    digest.update(model.band_mean.cpu().numpy().tobytes() + model.band_std.cpu().numpy().tobytes())
+    # Only the bands the encoder reads: a prior's zero kernels ignore the others, whose training statistics change
+    # with every split (so every fold of a cross-validation shares one cache).
+    read = read_bands(model)
+    digest.update(model.band_mean.flatten()[read].cpu().numpy().tobytes())
+    digest.update(model.band_std.flatten()[read].cpu().numpy().tobytes())
     return digest.hexdigest()[:24]
+
+
+def read_bands(model: GeoCLIP) -> list[int]:
+    """Indices of the bands whose first-layer kernels are not all zero (all bands when that layer is not found)."""
+    n = len(model.cfg.band_names)
+    first = next((p for p in model.image_encoder.parameters() if p.ndim == 4 and p.shape[1] == n), None)
+    if first is None:
+        return list(range(n))
+    return [i for i in range(n) if bool(first[:, i].detach().abs().sum() > 0)]
 
 
 def tile_keys(images: np.ndarray, rows: np.ndarray) -> np.ndarray:

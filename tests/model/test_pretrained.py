@@ -198,3 +198,16 @@ def test_a_damaged_cache_is_recomputed_not_trusted(tmp_path):
     _, computed = cached_features(model, images, rows, tmp_path, 2, torch.device("cpu"))
     assert computed == 2
     shutil.rmtree(tmp_path)
+
+
+def test_the_cache_key_ignores_the_statistics_of_bands_the_encoder_does_not_read():
+    """Another split's statistics of B08 (a zero kernel of the prior) keep the cache; of B04 they do not."""
+    from geoclip.training.feature_cache import encoder_key
+
+    model = prior_model()
+    key = encoder_key(model)
+    with torch.no_grad():
+        model.band_mean[0, BANDS.index("B08")] += 100.0
+        assert encoder_key(model) == key
+        model.band_mean[0, BANDS.index("B04")] += 100.0
+        assert encoder_key(model) != key
