@@ -619,3 +619,17 @@ def test_an_unknown_prior_is_named_before_training(tmp_path):
     make_packs(tmp_path / "prepared", per_class=8, size=32)
     with pytest.raises(GeoclipError, match="train.pretrained: unknown source 'vit/laion'"):
         train(params_from_dict(tiny_params_dict(tmp_path, pretrained="vit/laion")))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_a_frozen_prior_from_one_cache(tmp_path):
+    """Rank 0 fills the feature cache, rank 1 reads it; the frozen encoder is left out of DDP's gradient buckets."""
+    from geoclip.model.pretrained import DEFAULT_PRIOR
+
+    make_packs(tmp_path / "prepared", per_class=8, size=32)
+    launch_training(_write_params(tmp_path, epochs=1, nproc_per_node=2, num_threads=1, batch_size=8,
+                                  pretrained=DEFAULT_PRIOR, freeze_image="all", input_size=32))
+    model = load_model(tmp_path / "model")
+    assert model.cfg.pretrained == DEFAULT_PRIOR
+    (cache,) = (tmp_path / "feature_cache").glob("*/features.npz")
+    assert len(np.load(cache)["keys"]) == 18 + 3  # the train and val tiles, each once
