@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     except GeoclipError as exc:  # a bad --set value: one line, not a traceback
         raise SystemExit(f"error: {exc}") from None
     plain = replace(params, train=replace(params.train, pretrained=""))
-    prior = replace(params, train=replace(params.train, pretrained=PRIOR,
-                                          freeze_image=params.train.freeze_image if params.train.pretrained else "all"))
+    prior = replace(params, train=replace(params.train, pretrained=PRIOR))  # freeze_image: the recipe's (all)
     params = plain
     real = real_tiles(args.real)
     fold = folds(real["class"], args.k, args.seed)

@@ -176,7 +176,7 @@ class TrainConfig:
     caption_weight: float = 0.0
     # A pretrained image prior by name (geoclip.model.pretrained.SOURCES), e.g. "efficientnet_lite0/imagenet": its
     # architecture replaces image_encoder, its weights ship inside a pinned package. "auto": that prior when real
-    # tiles are among ingest's sources, none for synthetic-only training (ImageNet features see synthetic textures
+    # tiles are among the training tiles, none for synthetic-only training (ImageNet features see synthetic textures
     # for what they are: bench/real_quality.py rows (a) and (g)). "": random initialisation.
     pretrained: str = ""
     input_size: int = 0  # tiles resized to this side before the encoder, inside the model (0: the prior's, else as is)
@@ -388,6 +388,20 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         raise GeoclipError(f"{path}: {exc}") from exc
 
 
+FREEZE_CHOICES = "none, all, or 'stage N' (N an index into the encoder's timm feature_info)"
+
+
+def parse_freeze(spec: str) -> str | int:
+    """``train.freeze_image`` as "none", "all" or a stage index; a one-line error for anything else."""
+    text = spec.strip().lower()
+    if text in ("none", "all"):
+        return text
+    head, _, number = text.partition(" ")
+    if head != "stage" or not number.strip().isdigit():
+        raise GeoclipError(f"train.freeze_image: {spec!r}; expected {FREEZE_CHOICES}")
+    return int(number)
+
+
 def _validate(p: Params, source: str) -> None:
     """Cross-field checks that types alone cannot express."""
     sources = p.ingest.sources()
@@ -417,10 +431,7 @@ def _validate(p: Params, source: str) -> None:
             raise GeoclipError(f"train.{key}: {getattr(t, key)}; expected a number {expected}")
     if t.input_size < 0:
         raise GeoclipError(f"train.input_size: {t.input_size}; expected a side in pixels, or 0 (the prior's)")
-    freeze = t.freeze_image.strip().lower()
-    if freeze not in ("none", "all") and not (freeze.startswith("stage ") and freeze[6:].strip().isdigit()):
-        raise GeoclipError(f"train.freeze_image: {t.freeze_image!r}; expected none, all, or 'stage N' (N an index "
-                           "into the encoder's timm feature_info)")
+    parse_freeze(t.freeze_image)
     if t.lr_scaling not in LR_SCALING:
         raise GeoclipError(f"train.lr_scaling: {t.lr_scaling!r}; expected one of {', '.join(LR_SCALING)}")
     if t.lr_base_batch < 1:

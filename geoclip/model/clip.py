@@ -16,6 +16,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from geoclip.bands import ALL_BAND_NAMES, band_indices
+from geoclip.config import FREEZE_CHOICES, parse_freeze
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_path
 from geoclip.model.loss import MAX_LOGIT_SCALE, SIGLIP_INIT_BIAS
@@ -92,9 +93,16 @@ def create_image_encoder(cfg: ModelConfig) -> nn.Module:
     # ViTs fix their input size at build time: fail here, not with a shape error in the first batch.
     patch = getattr(encoder, "patch_embed", None)
     size = getattr(patch, "img_size", None)
-    if size is not None and getattr(patch, "strict_img_size", False) and tuple(size) != (cfg.tile_size,) * 2:
+    seen = cfg.input_size or cfg.tile_size  # what the encoder is fed (tiles resized inside the model)
+    if size is not None and getattr(patch, "strict_img_size", False) and tuple(size) != (seen,) * 2:
         raise GeoclipError(f"train.encoder_args: {cfg.image_encoder} expects {size[0]}x{size[1]} px input but "
-                           f"tiles are {cfg.tile_size} px; set encoder_args: {{img_size: {cfg.tile_size}}}")
+                           f"it is fed {seen} px; set encoder_args: {{img_size: {seen}}}")
+    if cfg.feature_stages:
+        info = getattr(encoder, "feature_info", None) or []
+        bad = [i for i in cfg.feature_stages if not 0 <= i < len(info)]
+        if bad or not hasattr(encoder, "forward_intermediates"):
+            raise GeoclipError(f"train.feature_stages: {list(cfg.feature_stages)}, but {cfg.image_encoder} has "
+                               f"{len(info)} stages with intermediate outputs; expected indices 0 to {len(info) - 1}")
     return encoder
 
 
@@ -272,22 +280,15 @@ class GeoCLIP(nn.Module):
         return (self.scale() * img @ classes.T).softmax(dim=-1), img
 
 
-FREEZE_CHOICES = "none, all, or 'stage N' (N an index into the encoder's timm feature_info)"
-
-
 def frozen_modules(encoder: nn.Module, spec: str) -> list[nn.Module]:
     """The encoder's modules ``spec`` freezes (see :meth:`GeoCLIP.freeze_image`), in forward order."""
-    spec = spec.strip().lower()
+    stage = parse_freeze(spec)
     named = list(encoder.named_modules())[1:]
-    if spec == "none":
+    if stage == "none":
         return []
-    if spec == "all":
+    if stage == "all":
         return [m for _, m in named]
-    head, _, number = spec.partition(" ")
     info = getattr(encoder, "feature_info", None)
-    if head != "stage" or not number.strip().isdigit():
-        raise GeoclipError(f"train.freeze_image: {spec!r}; expected {FREEZE_CHOICES}")
-    stage = int(number)
     if info is None or stage >= len(info):
         raise GeoclipError(f"train.freeze_image: {spec!r}, but the encoder has {len(info or [])} stages "
                            f"(0 to {len(info or []) - 1}); expected {FREEZE_CHOICES}")

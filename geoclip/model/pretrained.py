@@ -149,7 +149,7 @@ def _weights(path: Path) -> list[tuple[str, torch.Tensor]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     return [(k, v) for k, v in state.items()
             if isinstance(v, torch.Tensor) and not k.endswith("num_batches_tracked")
-            and not k.split(".")[-2].lstrip("_") in ("fc", "classifier", "head")]
+            and k.rpartition(".")[0].rpartition(".")[2].lstrip("_") not in ("fc", "classifier", "head")]
 
 
 def load_pretrained(encoder: nn.Module, source: PretrainedSource, band_names: list[str]) -> dict[str, int]:
@@ -188,10 +188,9 @@ def load_pretrained(encoder: nn.Module, source: PretrainedSource, band_names: li
 
 
 def check_available(name: str) -> None:
-    """Fail fast (before any worker starts) when ``name`` ("" / "auto" aside) is unknown, missing or changed."""
-    if name == "auto":
-        name = DEFAULT_PRIOR  # may be needed: real tiles decide at training time
-    if name:
+    """Fail fast (before any worker starts) when a named source is unknown, missing or changed. "auto" is checked
+    by training itself, where real tiles decide whether it needs a prior at all."""
+    if name and name != "auto":
         weights_path(get_source(name))
 
 

@@ -115,9 +115,13 @@ def cached_features(model: GeoCLIP, images: np.ndarray, rows: np.ndarray, cache_
         others = np.array([i for i in known.values() if stored_keys[i] not in asked], dtype=np.int64)
         all_keys = np.concatenate([keys, stored_keys[others]]) if len(others) else keys
         all_features = np.concatenate([features, stored[others]]) if len(others) else features
-        with atomic_path(folder / CACHE_FILE) as tmp, open(tmp, "wb") as f:
-            np.savez(f, features=all_features, keys=all_keys)
-        _prune(Path(cache_dir), keep=folder)
+        try:
+            with atomic_path(folder / CACHE_FILE) as tmp, open(tmp, "wb") as f:
+                np.savez(f, features=all_features, keys=all_keys)
+            _prune(Path(cache_dir), keep=folder)
+        except OSError as exc:  # only a cache: training goes on with the features in memory (nothing half-written)
+            print(f"note: {folder / CACHE_FILE}: not written ({exc.strerror or exc}); the next run computes the "
+                  "frozen encoder's features again", file=sys.stderr)
     return features, len(todo)
 
 

@@ -4,7 +4,6 @@ freezing, and the frozen encoder's feature cache."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 
 import numpy as np
 import pytest
@@ -197,7 +196,32 @@ def test_a_damaged_cache_is_recomputed_not_trusted(tmp_path):
     cache.write_bytes(b"not a cache")
     _, computed = cached_features(model, images, rows, tmp_path, 2, torch.device("cpu"))
     assert computed == 2
-    shutil.rmtree(tmp_path)
+    assert np.load(cache)["keys"].shape == (2,)  # replaced by a good cache
+
+
+def test_a_cache_that_cannot_be_written_is_said_and_training_goes_on_with_the_features(tmp_path, capsys):
+    model = prior_model()
+    images = tiles(2).numpy().astype(np.uint16)
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    features, computed = cached_features(model, images, np.arange(2), blocked, 2, torch.device("cpu"))
+    assert computed == 2 and features.shape[:2] == (2, N_VIEWS) and np.isfinite(features).all()
+    assert "features.npz: not written" in capsys.readouterr().err
+    assert blocked.read_text() == "a file where the cache folder should be"
+
+
+def test_stages_the_encoder_does_not_have_are_named():
+    with pytest.raises(GeoclipError, match=r"train.feature_stages: \[2, 9\], but tf_efficientnet_lite0 has 5 stages"):
+        GeoCLIP(prior_config(feature_stages=[2, 9]), prompt_features=torch.randn(len(EUROSAT_CLASSES), 1, 384))
+
+
+def test_auto_needs_no_package_before_training_decides(monkeypatch):
+    """geoclip train's early check: a named source is checked, "auto" (maybe no prior at all) and "" are not."""
+    checked = []
+    monkeypatch.setattr(pretrained, "weights_path", lambda source: checked.append(source.name))
+    for name in ("", "auto", DEFAULT_PRIOR):
+        pretrained.check_available(name)
+    assert checked == [DEFAULT_PRIOR]
 
 
 def test_the_cache_key_ignores_the_statistics_of_bands_the_encoder_does_not_read():
