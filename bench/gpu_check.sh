@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One prepared GPU check for geoclip (issue 4): environment, CUDA training smoke (+ `pytest -m gpu` if any such
-# tests exist), then the training-throughput bench (resnet18/resnet50, 64 px, 13 bands, bf16, channels_last,
-# batch 256..4096, torch.compile off/on, resnet18 with reduce-overhead). Results go to $OUT/gpu_check.tar.gz (+ the log); every step runs under `timeout` and the step
-# limits add up to 540 s, so one device call with timeout_s=600 covers it.
+# One prepared GPU check for geoclip (issue 4): environment, the CUDA tests (`pytest -m gpu`, counts in
+# pytest_gpu.json), the CUDA training smoke, then the training-throughput bench (resnet18/resnet50, 64 px, 13
+# bands, bf16, channels_last, batch 256..4096, torch.compile off/on, resnet18 with reduce-overhead). Results go to
+# $OUT/gpu_check.tar.gz (+ the log); every step runs under `timeout`. The default limits add up to 800 s, more than
+# one 600 s device call: most steps end well before theirs, but lower T_* (or COMPILE_BATCHES) when they might not,
+# as the tarball is packed only when the script exits.
 #
 #   bash bench/gpu_check.sh                  # on the device, in the repo root ($OUT set by the device tool)
 #   bash bench/gpu_check.sh --dry-run        # anywhere (CPU too): check the imports and the bench's CLI only
 #   bash bench/gpu_check.sh --fetch-wheels   # here, where pip can reach the registry: wheels into $WHEELS
 #
 # The device has its own PyTorch and no network: the missing pure-Python packages (timm) are installed
-# with --no-deps from $WHEELS (default .whl/, git-ignored; pass it to the device call's `carry`).
-# Limits (seconds) can be overridden from the environment: T_ENV T_TESTS T_SMOKE T_EAGER18 T_EAGER50 T_COMP18 T_COMP50.
+# with --no-deps from $WHEELS (default .whl/, git-ignored; pass it to the device call's `carry`); so is pytest
+# (with pluggy, iniconfig, packaging) for the gpu-marked tests.
+# Limits (seconds) can be overridden from the environment: T_ENV T_TESTS T_SMOKE T_EAGER18 T_EAGER50 T_COMP18 T_COMPRO
+# T_COMP50.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -52,7 +56,9 @@ if [ "$MODE" = fetch ]; then
   plat=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
         --platform manylinux2014_x86_64)
   pkgs=()
-  for pkg in timm rasterio affine cligj click-plugins; do pkgs+=("$pkg==$(lock_version "$pkg")"); done
+  for pkg in timm rasterio affine cligj click-plugins pytest pluggy iniconfig packaging; do
+    pkgs+=("$pkg==$(lock_version "$pkg")")
+  done
   "$PY" -m pip download --no-deps --only-binary=:all: "${plat[@]}" -d "$WHEELS" "${pkgs[@]}" || exit 1
   ls -l "$WHEELS"
   exit 0
@@ -68,8 +74,9 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
 CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "$MODE" = run ] && [ "$CUDA" != 1 ]; then log "torch sees no CUDA device; nothing to measure"; exit 3; fi
 
-# 2. Only what the bench and the smoke need beyond torch: torchvision (timm imports it), timm, numpy.
-for pkg in torchvision timm numpy; do
+# 2. Only what the bench, the smoke and the gpu tests need beyond torch: torchvision (timm imports it), timm, numpy,
+#    pytest (its dependencies first: `import pytest` fails without them).
+for pkg in torchvision timm numpy pluggy iniconfig packaging pytest; do
   "$PY" -c "import $pkg" 2>/dev/null && continue
   ver=$(lock_version "$pkg")
   if [ "$pkg" = torchvision ] && ! "$PY" -c "import torch,sys; sys.exit(torch.__version__.split('+')[0] != '$(lock_version torch)')"; then
@@ -84,18 +91,52 @@ for pkg in torchvision timm numpy; do
   fi
 done
 
-# 3. Imports: everything the bench and the smoke load (geoclip comes from this checkout, not site-packages).
+# 3. Imports: everything the bench and the smoke load (geoclip comes from this checkout, not site-packages), and
+#    the gpu tests' modules. Only the files with gpu-marked tests are collected: the rest of tests/ imports MLflow,
+#    rasterio and pandas, which the device lacks, and one collection error stops pytest before any test runs.
 step imports 60 "$PY" bench/train_throughput.py --help
+GPU_TESTS=$(grep -rl --include='test_*.py' "mark\.gpu" tests/ | sort | tr '\n' ' ')
+if [ -n "$GPU_TESTS" ]; then
+  step collect_gpu_tests 60 "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider $GPU_TESTS
+fi
 if [ "$MODE" = dry ]; then
   log "dry run done; failed: ${FAILED[*]:-none}"
   [ ${#FAILED[@]} -eq 0 ]; exit $?
 fi
 "$PY" -c "import torch; print(torch.cuda.get_device_name())" | tee -a "$RES/env.txt"
 
-# 4. CUDA tests: `pytest -m gpu` when such tests exist and pytest imports; always the training smoke
-#    (resnet18 GeoCLIP, bf16 autocast + channels_last, int32 data kept on the GPU, augmentation there).
-if grep -rqs "mark.gpu" tests/ && "$PY" -c "import pytest" 2>/dev/null; then
-  step pytest_gpu "${T_TESTS:-90}" "$PY" -m pytest -m gpu -q tests
+# 4. CUDA tests: `pytest -m gpu` on the gpu-marked files (counts into pytest_gpu.json and the log: on a GPU, none
+#    passing means the check verified nothing, a failure too); then the training smoke (resnet18 GeoCLIP, bf16
+#    autocast + channels_last, int32 data kept on the GPU, augmentation there).
+gpu_test_counts() {  # pytest's JUnit XML -> pytest_gpu.json; prints "tests passed failed errors skipped"
+  "$PY" - "$RES/pytest_gpu.xml" "$RES/pytest_gpu.json" <<'PYEOF'
+import json, sys
+import xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "report": "none (pytest killed?)"}
+else:
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    counts = {"tests": counts["tests"], "failed": counts["failures"], "errors": counts["errors"],
+              "skipped": counts["skipped"]}
+    counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
+json.dump(counts, open(sys.argv[2], "w"), indent=2)
+print(counts["tests"], counts["passed"], counts["failed"], counts["errors"], counts["skipped"])
+PYEOF
+}
+if [ -z "$GPU_TESTS" ]; then
+  log "no test is marked gpu"; FAILED+=("pytest_gpu(none marked)")
+elif ! "$PY" -c "import pytest" 2>/dev/null; then
+  log "pytest does not import: the gpu tests did not run"; FAILED+=("pytest_gpu(no pytest)")
+else
+  step pytest_gpu "${T_TESTS:-90}" "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider \
+    --junitxml="$RES/pytest_gpu.xml" $GPU_TESTS
+  read -r n_tests n_passed n_failed n_errors n_skipped < <(gpu_test_counts)
+  log "pytest -m gpu: ${n_tests:-0} collected, ${n_passed:-0} passed, ${n_failed:-0} failed, ${n_errors:-0} errors," \
+      "${n_skipped:-0} skipped (reasons in pytest_gpu.txt)"
+  [ "${n_passed:-0}" -gt 0 ] || FAILED+=("pytest_gpu(none passed)")
 fi
 step smoke "${T_SMOKE:-60}" "$PY" bench/train_throughput.py --smoke --out "$RES/smoke.json"
 

@@ -86,12 +86,43 @@ def test_gradients_reach_embeddings_and_logit_scale():
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
+def _clip_loss_by_loops(img: list[list[float]], cls: list[list[float]], labels: list[int], scale: float) -> float:
+    """The label-aware loss written out term by term from its docstring, in plain Python (no torch reductions)."""
+    n = len(labels)
+    logits = [[scale * sum(a * b for a, b in zip(img[i], cls[j])) for j in range(len(cls))] for i in range(n)]
+    # image -> text: cross-entropy of each image over every class embedding, present in the batch or not
+    i2t = sum(math.log(sum(math.exp(v) for v in logits[i])) - logits[i][labels[i]] for i in range(n)) / n
+    # text -> image: one softmax over the images per class that HAS images; mean over those classes only
+    present = sorted(set(labels))
+    t2i = 0.0
+    for j in present:
+        log_z = math.log(sum(math.exp(logits[i][j]) for i in range(n)))
+        positives = [i for i in range(n) if labels[i] == j]
+        t2i += sum(log_z - logits[i][j] for i in positives) / len(positives)
+    return (i2t + t2i / len(present)) / 2
+
+
 def test_classes_absent_from_the_batch_only_act_as_image_to_text_negatives():
-    """A class with no image in the batch adds no text->image term (no NaN from an empty positive set)."""
+    """A class with no image in the batch adds no text->image term: that mean runs over the present classes only."""
     cls = torch.eye(4, 4)
-    labels = torch.tensor([0, 0, 1])
+    labels = torch.tensor([0, 0, 1])  # classes 2 and 3 have no image
     loss = label_aware_clip_loss(cls[labels], cls, labels, torch.tensor(0.0))
-    assert torch.isfinite(loss)
+    e = math.e
+    # scale 1: the logits rows are [1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]
+    i2t = math.log(e + 3) - 1  # every image: its own class at 1, three others at 0
+    t2i = ((math.log(2 * e + 1) - 1) + (math.log(e + 2) - 1)) / 2  # classes 0 and 1; divided by 2, not by 4
+    assert (i2t + t2i) / 2 == pytest.approx(0.72519, abs=1e-5)  # averaging over all 4 classes would give 0.54851
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+
+
+def test_absent_classes_between_present_ones_match_the_formula_written_out():
+    """Random embeddings, classes 0, 2 and 5 of 6 absent: the loss equals the docstring's formula computed by loops."""
+    g = torch.Generator().manual_seed(8)
+    cls, img = _unit(torch.randn(6, 5, generator=g)), _unit(torch.randn(7, 5, generator=g))
+    labels = [1, 3, 3, 4, 1, 3, 4]
+    loss = label_aware_clip_loss(img, cls, torch.tensor(labels), torch.tensor(math.log(5.0)))
+    expected = _clip_loss_by_loops(img.double().tolist(), cls.double().tolist(), labels, 5.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 # --- SigLIP (pairwise sigmoid) loss, the LOSSES registry and the temperature clamp ---------------------------

@@ -15,7 +15,14 @@ from factories import make_model_dir, make_packs, real_batch, synthetic_tiles
 from geoclip.cli import main
 from geoclip.errors import GeoclipError
 from geoclip.model.clip import load_model
-from geoclip.registry.export import ENCODER_FILES, TEXT_FILES, check_export, check_text_export, export_model
+from geoclip.registry.export import (
+    ENCODER_FILES,
+    ONNX_PACKAGES,
+    TEXT_FILES,
+    check_export,
+    check_text_export,
+    export_model,
+)
 
 REAL = Path(__file__).resolve().parents[3] / "shared/data/eurosat_ms_dev"
 HAS_ONNX = all(importlib.util.find_spec(p) for p in ("onnx", "onnxruntime", "onnxscript"))
@@ -153,10 +160,37 @@ def test_a_spectral_stats_model_exports_its_branch_and_matches_pytorch(tmp_path)
         assert torch.allclose(module(x), emb, atol=1e-4)
 
 
-@pytest.mark.skipif(HAS_ONNX, reason="onnx packages are installed")
-def test_onnx_without_packages_says_what_to_install(tmp_path):
-    with pytest.raises(GeoclipError, match="pip install .*onnx"):
+def _hide(monkeypatch: pytest.MonkeyPatch, packages: tuple[str, ...]) -> None:
+    """Make ``packages`` look uninstalled: a None entry in sys.modules makes importlib.util.find_spec return None."""
+    for name in packages:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_onnx_without_packages_says_what_to_install(tmp_path, monkeypatch, capsys):
+    """Without the ONNX packages (hidden here, whatever is installed) export refuses in one line, writing nothing."""
+    _hide(monkeypatch, ONNX_PACKAGES)
+    want = ("--format onnx needs the package(s) onnx, onnxruntime, onnxscript: pip install onnx onnxruntime "
+            "onnxscript (or use --format torchscript)")
+    with pytest.raises(GeoclipError) as refused:
         export_model(make_model_dir(tmp_path / "model"), tmp_path / "export", fmt="onnx")
+    assert str(refused.value) == want
+    assert not (tmp_path / "export").exists()
+    params = tmp_path / "params.yaml"
+    params.write_text(f"paths:\n  model: {tmp_path / 'model'}\n")
+    assert main(["--params", str(params), "export", "--format", "onnx"]) == 2
+    assert capsys.readouterr().err == f"error: {want}\n"  # the CLI's whole answer: one line
+    assert not (tmp_path / "model/export").exists()
+
+
+def test_onnx_refusal_names_only_the_missing_package(tmp_path, monkeypatch):
+    """One package missing (onnxscript, which torch's ONNX exporter needs): the refusal names that one alone."""
+    if not HAS_ONNX:
+        pytest.skip("needs onnx and onnxruntime installed, to hide onnxscript alone")
+    _hide(monkeypatch, ("onnxscript",))
+    with pytest.raises(GeoclipError) as refused:
+        export_model(make_model_dir(tmp_path / "model"), tmp_path / "export", fmt="onnx")
+    assert str(refused.value) == ("--format onnx needs the package(s) onnxscript: pip install onnxscript "
+                                  "(or use --format torchscript)")
     assert not (tmp_path / "export").exists()
 
 
