@@ -316,12 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run one subcommand; a GeoclipError becomes a one-line message and exit code 2."""
+    """Entry point: run one subcommand; a GeoclipError, or a full volume met by a writer geoclip does not wrap,
+    becomes a one-line message and exit code 2."""
+    from geoclip.diskspace import is_no_space, no_space_message
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except GeoclipError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not is_no_space(exc):
+            raise
+        where = exc.filename or "."
+        print(f"error: {no_space_message(where, Path(where).name or 'a file', quota=False)}", file=sys.stderr)
         return 2
     return 0
 

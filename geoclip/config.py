@@ -67,8 +67,9 @@ class IngestConfig:
     band_names: list[str] = field(default_factory=lambda: list(ALL_BAND_NAMES))  # the source files' band order
     workers: int = 8  # parallel copies / downloads
     processing_level: str = "L1C"  # of the tiles (EuroSAT_MS and the synthetic ones: L1C); the model records it
-    # A manifest's rows must stay inside its folder (s3://: its bucket and prefix): a hostile or mistaken manifest
-    # cannot pull /etc/... or another bucket's objects into the dataset. true: any path or URI is allowed.
+    # A manifest's rows must stay inside its folder (s3://: its bucket and prefix), and a tile folder's tiles inside
+    # it, once symbolic links are followed: a hostile or mistaken manifest or link cannot pull /etc/... or another
+    # bucket's objects into the dataset. true: any path or URI is allowed.
     allow_outside_paths: bool = False
 
     def sources(self) -> list[str]:
@@ -230,6 +231,9 @@ class ScoreConfig:
 
     model_uri: str = "models:/geoclip@champion"
     scenes: str = "data/synthetic/scenes"  # folder or s3:// prefix; truth maps in truth/ beside it, if any
+    # A file below the scenes folder that a symbolic link leads outside it is refused, as ingest refuses such tiles:
+    # the folder, not a link in it, says what is scored. true: links may lead anywhere.
+    allow_outside_paths: bool = False
     window: int = 64
     stride: int = 32
     batch_size: int = 256

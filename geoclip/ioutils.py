@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from geoclip.diskspace import size_of, writing
+
 
 def _read_umask() -> int | None:
     """The process umask from ``/proc/self/status`` (Linux 4.7+), or None where that line is not available."""
@@ -46,15 +48,21 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
+def atomic_path(target: str | Path, what: str | None = None, need: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success.
+
+    A full volume becomes a :class:`geoclip.diskspace.NoSpaceError` about ``what`` (default the file's name; ``need``:
+    its expected size, when known) and the temporary file is removed.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    with writing(target, what, need):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with writing(target, what, need, written=lambda: size_of(tmp_path)):
+            yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp_path, target)
     finally:
@@ -128,21 +136,26 @@ def _recover(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
+def atomic_dir(target: str | Path, check: Callable[[Path], None] | None = None, what: str | None = None,
+               need: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; swap it in for ``target`` only on success.
 
     Writers of the same ``target`` take turns (a lock beside it); each first repairs what a crashed writer left
-    (see :func:`_recover`), then runs ``check(target)`` (e.g. refuse to replace files it did not write).
+    (see :func:`_recover`), then runs ``check(target)`` (e.g. refuse to replace files it did not write). A full
+    volume becomes a :class:`geoclip.diskspace.NoSpaceError` about ``what`` (``need``: its expected size) and the
+    temporary directory is removed; ``target`` stays as it was.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _dir_lock(target):
+    with writing(target, what, need):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    with writing(target, what, need), _dir_lock(target):
         _recover(target)
         if check is not None:
             check(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
-            yield tmp
+            with writing(target, what, need, written=lambda: size_of(tmp)):
+                yield tmp
             os.chmod(tmp, 0o777 & ~_umask())
             if target.exists():
                 old = _backup(target)

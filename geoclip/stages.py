@@ -12,9 +12,13 @@ import codecs
 import contextlib
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 from geoclip.config import Params, load_params
@@ -70,9 +74,16 @@ def torchrun_command(params: Params, params_path: str | Path, resume: bool = Fal
 
 
 def launch_training(params_path: str | Path = "params.yaml", resume: bool = False) -> None:
-    """Run :func:`train` through torchrun (the train stage of dvc.yaml and the flow); raise on failure."""
+    """Run :func:`train` through torchrun (the train stage of dvc.yaml and the flow); raise on failure.
+
+    Everything torchrun and the ranks print goes to a log file (:func:`training_log`); a failure is one GeoclipError
+    naming it.
+    """
     params = load_params(params_path)
-    _run_agent(torchrun_command(params, params_path, resume), "training (torchrun")
+    try:
+        _run_agent(torchrun_command(params, params_path, resume), "training", training_log(params, "train"))
+    except NodeLostError as exc:  # one node: nothing to start again, just a failed run for the CLI's one line
+        raise GeoclipError(str(exc)) from None
 
 
 def node_command(params: Params, params_path: str | Path, endpoint: str, launch_id: str) -> list[str]:
@@ -106,44 +117,167 @@ def run_node(params_path: str | Path, endpoint: str, launch_id: str, node: int =
     # (pytorch/pytorch#135712; seen here with torch 2.14).
     # GEOCLIP_NODE: which flow task started a process (torchrun's own GROUP_RANK changes with every rendezvous).
     env = {**os.environ, "GEOCLIP_NODE": str(node), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    _run_agent(node_command(params, params_path, endpoint, launch_id), f"training node {node} (torchrun", env)
+    _run_agent(node_command(params, params_path, endpoint, launch_id), f"training node {node}",
+               training_log(params, f"train-node{node}"), env)
 
 
-def _run_agent(command: list[str], what: str, env: dict | None = None) -> None:
-    """Run a torchrun agent, passing its workers' stderr through; GeoclipError with a worker's ``error:`` line,
-    NodeLostError on any other failure. Workers an agent leaves behind when it dies are killed with it."""
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
-    workers = _Descendants(proc.pid)
-    tail: list[str] = [""]
-    pump = threading.Thread(target=_pass_through, args=(proc.stderr, tail), daemon=True)
-    pump.start()
+LOGS_KEPT = 20  # training logs kept in {paths.reports}/logs (the newest; older ones are deleted)
+
+
+def training_log(params: Params, name: str = "train") -> Path:
+    """A new log file for one launch, ``{paths.reports}/logs/{name}-{UTC time}-{pid}.log``; older ones beyond the
+    newest :data:`LOGS_KEPT` are deleted. Under reports/ rather than models/: no DVC stage caches it."""
+    folder = Path(params.paths.reports) / "logs"
     try:
-        rc = proc.wait()
-    finally:
-        workers.stop()
-        if proc.poll() is None:  # interrupted here: the agent stops its workers on SIGTERM
-            proc.terminate()
-            proc.wait()
-        # torchrun starts each worker in a session of its own: an agent killed outright leaves them training on (and
-        # holding the stderr pipe open), and a restarted node would meet its own orphans in the collectives.
-        workers.kill()
-        pump.join()
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GeoclipError(f"{folder}: cannot hold the training log ({exc.strerror}); point paths.reports at a "
+                           "writable folder") from None
+    # Names sort by time (the prefix is fixed); another node sharing the folder may delete the same files.
+    logs = sorted(folder.glob(f"{name}-[0-9]*.log"))
+    for old in logs[:max(0, len(logs) - (LOGS_KEPT - 1))]:
+        old.unlink(missing_ok=True)
+    now = datetime.now(UTC)
+    return folder / f"{name}-{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{os.getpid()}.log"
+
+
+def _run_agent(command: list[str], what: str, log: Path, env: dict | None = None) -> None:
+    """Run a torchrun agent, writing all it and its workers print to stderr into ``log`` and passing it through to
+    ours up to a worker's ``error:`` line or the agent's own failure report (:class:`_AgentOutput`). GeoclipError
+    with that worker's message, NodeLostError on any other failure; either names ``log``. Workers an agent leaves
+    behind when it dies are killed with it."""
+    try:
+        sink = open(log, "wb", buffering=0)  # noqa: SIM115 (closed below, once the pump has drained the pipe)
+    except OSError as exc:
+        raise GeoclipError(f"{log}: cannot write the training log ({exc.strerror})") from None
+    with sink:
+        try:
+            sink.write(f"$ {shlex.join(command)}\n".encode())  # unbuffered, as all below: on disk as it comes
+        except OSError as exc:  # a full disk: say so before training starts
+            raise GeoclipError(f"{log}: cannot write the training log ({exc.strerror})") from None
+        output = _AgentOutput(sys.stderr)
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
+        workers = _Descendants(proc.pid)
+        pump = threading.Thread(target=_pass_through, args=(proc.stderr, sink, output), daemon=True)
+        pump.start()
+        try:
+            rc = proc.wait()
+        finally:
+            workers.stop()
+            if proc.poll() is None:  # interrupted here: the agent stops its workers on SIGTERM
+                proc.terminate()
+                proc.wait()
+            # torchrun starts each worker in a session of its own: an agent killed outright leaves them training on
+            # (and holding the stderr pipe open), and a restarted node would meet its own orphans in the collectives.
+            workers.kill()
+            pump.join()
     if rc == 0:
         return
-    errors = [ln for ln in tail[0].splitlines() if ln.startswith("error: ")]
-    if errors:
-        raise GeoclipError(f"{what}, exit code {rc}) failed: {errors[-1][len('error: '):]}")
-    raise NodeLostError(f"{what}, exit code {rc}) failed: see the log above")
+    if output.error is not None:
+        raise GeoclipError(f"{what} failed: {output.error} (full log: {log})")
+    raise NodeLostError(f"{what} failed: {output.cause(rc)}; details in {log}")
 
 
-def _pass_through(stream, tail: list[str]) -> None:
-    """Copy a child's stderr (progress bars, errors) to ours, keeping its last 64 KiB in ``tail[0]``."""
+def _pass_through(stream, sink, output: _AgentOutput) -> None:
+    """Copy a child's stderr to ``sink`` as it comes (a killed run keeps its log) and through ``output`` to ours."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for chunk in iter(lambda: stream.read1(65536), b""):
-        text = decoder.decode(chunk)
-        sys.stderr.write(text)
-        sys.stderr.flush()
-        tail[0] = (tail[0] + text)[-65536:]
+        if sink is not None:
+            try:
+                sink.write(chunk)
+            except OSError as exc:  # a full disk: keep draining the pipe, or the agent and its workers block on it
+                print(f"warning: {sink.name}: the log stops here ({exc.strerror})", file=sys.stderr)
+                sink = None
+        output.feed(decoder.decode(chunk))
+    output.feed(decoder.decode(b"", final=True))
+    output.close()
+
+
+class _AgentOutput:
+    """What of a torchrun agent's stderr reaches the console: workers' output (progress bars, a crash's traceback)
+    as it comes, but not a worker's ``error:`` line (the launcher raises it, once) and nothing after it, nor the
+    agent's own ChildFailedError traceback and report. A line that may become one of those is held until it ends."""
+
+    _HELD = ("error: ", "Traceback (most recent call last):")
+    # A frame of the agent itself: workers run geoclip.stages, never torch.distributed.run.
+    _AGENT_FRAME = re.compile(r'^\s*File ".*torch[/\\]distributed[/\\]run\.py"')
+    _PEEK = 8  # a traceback's first lines held to find out whose it is (the agent's third frame is run.py)
+
+    def __init__(self, console):
+        self.error: str | None = None  # the first worker error, without "error: "
+        self._console = console
+        self._line, self._shown = "", 0  # the segment being read (up to \n or \r) and how much of it is shown
+        self._held: list[str] | None = None  # a traceback's first lines, until we know whose it is
+        self._muted = False
+        self._report = ""  # what was muted (the agent's report): its root cause names the failed rank
+
+    def feed(self, text: str) -> None:
+        """Take the next piece of the stream."""
+        for piece in re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+", text):
+            self._line += piece
+            if piece[-1] in "\r\n":
+                line, shown = self._line, self._shown
+                self._line, self._shown = "", 0
+                self._segment(line, shown)
+            elif not self._muted and self._held is None and not self._may_hold(self._line):
+                self._show(self._line[self._shown:])  # a progress bar: shown as it is drawn
+                self._shown = len(self._line)
+        self._console.flush()
+
+    def close(self) -> None:
+        """The stream ended: show what is held back that turned out to be a worker's."""
+        if self._line:
+            self._segment(self._line, self._shown)
+            self._line, self._shown = "", 0
+        self._release()
+        self._console.flush()
+
+    def cause(self, rc: int) -> str:
+        """Why the run failed, from the agent's report (the first failed rank), else from its exit code ``rc``."""
+        root = self._report.partition("Root Cause")[2]
+        rank, code = re.search(r"rank\s*:\s*(\d+)", root), re.search(r"exitcode\s*:\s*(-?\d+)", root)
+        if not (rank and code):
+            return f"torchrun exited with code {rc}"
+        rank, code = int(rank[1]), int(code[1])
+        if code >= 0:
+            return f"rank {rank} exited with code {code}"
+        with contextlib.suppress(ValueError):
+            name = signal.Signals(-code).name
+            return f"rank {rank} was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+        return f"rank {rank} was killed by signal {-code}"
+
+    def _may_hold(self, line: str) -> bool:
+        return any(p.startswith(line[:len(p)]) for p in self._HELD)
+
+    def _segment(self, line: str, shown: int) -> None:
+        if self._muted:
+            self._report = (self._report + line)[-65536:]
+            return
+        if self._held is not None:
+            if line[:1].isspace() and len(self._held) < self._PEEK:
+                self._held.append(line)
+                if self._AGENT_FRAME.match(line):
+                    self._mute("".join(self._held))
+                return
+            self._release()  # a worker's traceback (or the end of one): on with the console
+        if shown == 0 and line.startswith("error: "):
+            self.error = line[len("error: "):].strip()
+            self._mute(line)
+        elif shown == 0 and line.rstrip("\r\n") == self._HELD[1]:
+            self._held = [line]
+        else:
+            self._show(line[shown:])
+
+    def _mute(self, text: str) -> None:
+        self._muted, self._held, self._report = True, None, text
+
+    def _release(self) -> None:
+        if self._held is not None:
+            self._show("".join(self._held))
+            self._held = None
+
+    def _show(self, text: str) -> None:
+        self._console.write(text)
 
 
 class _Descendants:

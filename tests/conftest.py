@@ -110,3 +110,42 @@ def tiny_dataset(tmp_path):
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
                    "artifact_location": str(tmp_path / "mlartifacts")},
     })
+
+
+class SmallVolume:
+    """A tmpfs of a few MB mounted at ``path``; ``leave(n)`` fills it so that about ``n`` bytes stay free."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.filler = path / ".filler"
+
+    def leave(self, free: int) -> None:
+        """Fill the volume until about ``free`` bytes are left (the filler file is hidden from every stage)."""
+        self.filler.unlink(missing_ok=True)
+        room = shutil.disk_usage(self.path).free - free
+        if room > 0:
+            with open(self.filler, "wb") as f:
+                f.write(b"\0" * room)
+
+    def free_up(self) -> None:
+        """Remove the filler: the space a user frees before running again."""
+        self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    """A real, small volume that fills up (tmpfs, 8 MB); skipped where mounting is not allowed (not root)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; the full-disk cases run where the tests run as root (CI)")
+    mount = tmp_path / "vol"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the full-disk cases need one")
+    try:
+        yield SmallVolume(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

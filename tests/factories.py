@@ -120,7 +120,8 @@ def tiny_params_dict(root: Path, tracking_uri: str | None = None, **train) -> di
     """Params for a seconds-long run on the tiny packs, everything under ``root``."""
     return {
         "classes": {"names": PACK_CLASSES},
-        "paths": {"prepared": str(root / "prepared"), "model": str(root / "model"), "eval": str(root / "eval")},
+        "paths": {"prepared": str(root / "prepared"), "model": str(root / "model"), "eval": str(root / "eval"),
+                  "reports": str(root / "reports")},  # training logs too
         "train": {"image_encoder": "resnet10t", "embed_dim": 32, "epochs": 2, "batch_size": 32, "lr": 3e-3,
                   "num_threads": 2, **train},
         "evaluate": {"batch_size": 64},

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from geoclip.bands import ALL_BAND_NAMES
 from geoclip.config import Params
 from geoclip.data import s3
+from geoclip.data.confine import refuse_outside
 from geoclip.data.product_reader import ReadOptions, write_stacked
 from geoclip.data.tiles import (
     BANDS_FILE,
@@ -194,35 +195,26 @@ def _list_source(source: str, raw: Path, allow_outside: bool = False) -> tuple[p
         raise GeoclipError(f"ingest.source: {source} is inside paths.raw ({raw}), which ingest replaces; "
                            f"keep the download elsewhere (e.g. data/downloads/)")
     tiles = discover_tiles(path)
-    if path.is_file() and not allow_outside:
-        _refuse_outside(tiles, source, str(path.parent))
+    if path.is_file():
+        _refuse_outside(tiles, source, str(path.parent), allow_outside)
+    else:  # a tile reached through a link (itself, or its class folder) is where the link leads
+        refuse_outside(tiles["path"], path, "ingest.allow_outside_paths", allow_outside, where=source,
+                       place="this folder", expected="tiles")
     return tiles, path.is_file()
 
 
-def _inside(path: str, base: str) -> bool:
-    """Whether ``path`` (local path or URI) lies inside ``base`` (the manifest's folder or ``s3://`` prefix), judged
-    on the spelling: ``..`` cannot climb out, while a symlink the owner placed inside the folder is theirs to make."""
-    if s3.is_s3(base):
-        if not s3.is_s3(path):
-            return False
-        (bucket, key), (base_bucket, prefix) = s3.split_uri(path), s3.split_uri(base)
-        parts = key.split("/")
-        return bucket == base_bucket and ".." not in parts and (not prefix.strip("/")
-                                                                or key.startswith(prefix.strip("/") + "/"))
-    if s3.is_s3(path):
-        return False
-    return Path(os.path.normpath(os.path.abspath(path))).is_relative_to(os.path.normpath(os.path.abspath(base)))
-
-
-def _refuse_outside(tiles: pd.DataFrame, manifest: str, base: str) -> None:
-    """Refuse the first manifest row whose tile lies outside the manifest's folder (or bucket/prefix)."""
+def _refuse_outside(tiles: pd.DataFrame, manifest: str, base: str, allow: bool) -> None:
+    """Refuse the first manifest row whose tile lies outside the manifest's folder (or bucket/prefix), links
+    followed, unless ``allow``."""
     joined = base.rstrip("/") + ("/" if s3.is_s3(base) else os.sep)  # read_manifest's join of a relative path
-    for i, p in enumerate(tiles["path"]):
-        if not _inside(p, base):
-            rid, written = tiles["id"].iloc[i] if "id" in tiles.columns else None, p.removeprefix(joined)
-            what = f"id {rid}, path {written}" if isinstance(rid, str) else f"path {written}"
-            raise GeoclipError(f"{manifest}: row {i + 1} ({what}) is outside the manifest's folder {base}; expected "
-                               f"tiles inside it (set ingest.allow_outside_paths: true to allow other places)")
+
+    def row(i: int, path: str) -> str:
+        """The row as the user wrote it: its number, id and path."""
+        rid, written = tiles["id"].iloc[i] if "id" in tiles.columns else None, path.removeprefix(joined)
+        return f"row {i + 1} (id {rid}, path {written})" if isinstance(rid, str) else f"row {i + 1} (path {written})"
+
+    refuse_outside(tiles["path"], base, "ingest.allow_outside_paths", allow, where=manifest,
+                   place=f"the manifest's folder {base}", expected="tiles", label=row)
 
 
 def _list_s3(source: str, allow_outside: bool = False) -> tuple[pd.DataFrame, bool]:
@@ -238,8 +230,7 @@ def _list_s3(source: str, allow_outside: bool = False) -> tuple[pd.DataFrame, bo
                 tiles = read_manifest(local, base=base)
             except GeoclipError as exc:
                 raise GeoclipError(str(exc).replace(str(local), source)) from exc  # name the object, not the copy
-        if not allow_outside:
-            _refuse_outside(tiles, source, base)
+        _refuse_outside(tiles, source, base, allow_outside)
         return tiles, True
     bucket, key = s3.split_uri(source)
     base = f"{s3.SCHEME}{bucket}/{key.strip('/')}" if key.strip("/") else f"{s3.SCHEME}{bucket}"

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from geoclip.config import Params
 from geoclip.data.tiles import BANDS_FILE, LABELS_FILE, crs_name, dataset_band_names, read_labels
+from geoclip.diskspace import require_free
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import atomic_dir, write_json
 
@@ -177,6 +179,9 @@ def pack(paths: list[Path], out_file: Path, shape: tuple[int, int, int], read: C
          workers: int, desc: str = "pack") -> list[str]:
     """Read tiles with a thread pool into one contiguous uint16 ``.npy`` (in order); return their sha256."""
     arr = np.lib.format.open_memmap(out_file, mode="w+", dtype=np.uint16, shape=(len(paths), *shape))
+    # The file is sparse: reserve its blocks now, so a full volume is an OSError here, not a SIGBUS mid-copy.
+    with open(out_file, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     hashes: list[str] = []
     # GDAL releases the GIL while decoding, so threads overlap reads; pool.map keeps the order.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(paths), desc=desc, unit="tile") as bar:
@@ -284,7 +289,9 @@ def prepare(params: Params) -> Path:
     read = functools.partial(read_selected, layout=layout, size=size)
     counts = check_class_counts(df, params)  # needs no pixels: fail before packing
     splits = None
-    with atomic_dir(out) as tmp:
+    need = len(df) * len(layout.indexes) * size * size * np.dtype(np.uint16).itemsize
+    require_free(out.parent, "the prepared packs", need, need)  # uncompressed arrays: the estimate is the size
+    with atomic_dir(out, what="the prepared packs", need=need) as tmp:
         for split in SPLITS:
             mask = (df["split"] == split).to_numpy()
             df.loc[mask, "sha256"] = pack([p for p, m in zip(paths, mask) if m], tmp / f"{split}_images.npy",

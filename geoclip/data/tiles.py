@@ -69,6 +69,29 @@ def _join(root: str, rel: str) -> str:
     return str(Path(root, *rel.split("/")))
 
 
+def walk_files(root: str | Path) -> list[Path]:
+    """Every file below ``root`` (sorted, spelled through ``root``), following links to folders.
+
+    A link back to a folder it lies in (``..``) is not entered, so a loop of links ends; dangling links are listed.
+    """
+    root = Path(root)
+    # Each folder to walk: the real folders it lies in, itself too (a link to one of them would loop).
+    chains = {os.fspath(root): frozenset({os.path.realpath(root)})}
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        chain = chains.pop(folder)
+        kept = []
+        for name in dirs:
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real not in chain:
+                kept.append(name)
+                chains[path] = chain | {real}
+        dirs[:] = kept  # os.walk enters only these
+        found += [Path(folder, f) for f in files]
+    return sorted(found)
+
+
 def _walk(root: Path) -> list[str]:
     """All file paths under ``root``, relative and ``/``-separated."""
     return [Path(d, f).relative_to(root).as_posix() for d, _, files in os.walk(root) for f in files]
@@ -117,8 +140,8 @@ def discover_tiles(source: str | Path) -> pd.DataFrame:
         if source.suffix.lower() not in MANIFEST_SUFFIXES:
             raise GeoclipError(f"{source}: expected a folder of tiles or a .csv/.parquet manifest")
         df = read_manifest(source)
-    else:
-        df = layout_tiles(_walk(source), str(source))
+    else:  # links to folders are followed: whether they may lead outside is ingest's to judge (confine.py)
+        df = layout_tiles([p.relative_to(source).as_posix() for p in walk_files(source)], str(source))
     if df.empty:
         raise GeoclipError(f"{source}: no .tif tiles found (expected <Class>/<Class>_<n>.tif or *.tif)")
     if "id" not in df.columns:

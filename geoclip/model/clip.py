@@ -504,7 +504,8 @@ def save_model(model: GeoCLIP, directory: str | Path) -> None:
     cfg, state = _served_state(model)
     # Saved through a file object: torch names the archive inside after a path's (random temporary) file name, so
     # the same weights would give different bytes, and DVC a different hash, on every run.
-    with atomic_path(directory / WEIGHTS_FILE) as tmp, open(tmp, "wb") as f:
+    need = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    with atomic_path(directory / WEIGHTS_FILE, "the model weights", need) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
     with atomic_path(directory / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")

@@ -14,6 +14,7 @@ trained classes were worded).
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import warnings
 from pathlib import Path
@@ -112,7 +113,10 @@ def _write_torchscript(wrapper: nn.Module, x: torch.Tensor, path: Path) -> None:
         # torch.jit is deprecated in favour of torch.export, but it is still the format libtorch loads.
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(wrapper, x, check_trace=False)  # checked below on two batch sizes
-        torch.jit.save(traced, str(path))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    # Python writes the file: torch.jit.save's own writer aborts the whole process on a full disk (torch 2.14).
+    path.write_bytes(buffer.getvalue())
 
 
 def _write_onnx(wrapper: nn.Module, x: torch.Tensor, path: Path) -> None:

@@ -9,6 +9,7 @@ import csv
 import hashlib
 import json
 import math
+import tempfile
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,7 @@ from geoclip.config import Params
 from geoclip.data.prepare import load_split
 from geoclip.data.storage import data_version
 from geoclip.data.tiles import read_tile
+from geoclip.diskspace import size_of, writing
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
 from geoclip.registry.aliases import HOLDOUT_TAG, gate_version
@@ -214,7 +216,9 @@ def _log_and_register(params: Params, client: MlflowClient, run_id: str, value: 
 
     cfg = params.register
     example = input_example(params)
-    with mlflow.start_run(run_id=run_id):
+    # MLflow stages the model in a temp folder, then copies it to the artifact store: either may fill up.
+    with mlflow.start_run(run_id=run_id), writing(tempfile.gettempdir(), "the model's MLflow artifacts",
+                                                  size_of(params.paths.model)):
         model_info = log_pyfunc(params.paths.model, example, name="model", tta=params.evaluate.tta)
     # Few tags, the ones a reviewer and the gate need: every metric is in the description and on the run (a tag
     # per metric made the registry UI show 3 of 22 tags, the deciding ones scrolled away).

@@ -18,6 +18,7 @@ from pathlib import Path
 from geoclip.config import Params
 from geoclip.data import s3
 from geoclip.data.products import input_stem
+from geoclip.diskspace import NoSpaceError, writing
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
 from geoclip.retries import GDAL_NETWORK_TEXT
@@ -35,21 +36,25 @@ def _rebase(obj, old: str, new: str):
     return obj
 
 
-def _score_staged(params: Params, model, scene_uri: str, out: Path, model_uri: str, checked: bool, fence) -> dict:
+def _score_staged(params: Params, model, scene_uri: str, out: Path, model_uri: str, checked: bool, fence,
+                  stem: str) -> dict:
     """Score into a hidden staging folder inside ``out``, then rename the outputs into place, the summary last,
     all inside one fenced publish step (``fence.publishing``: nothing is renamed once the claim was taken over)."""
     import shutil
 
-    stem = input_stem(scene_uri)
     out.mkdir(parents=True, exist_ok=True)
     mine = re.compile(rf"\.{re.escape(stem)}\.staging-[a-z0-9_]+")
     for old in out.iterdir():  # a crashed run's leftovers for this scene (the caller holds the scene's claim)
         if mine.fullmatch(old.name):
             shutil.rmtree(old, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{stem}.staging-", dir=out))
+    with writing(out, f"the outputs of {scene_uri}"):
+        staging = Path(tempfile.mkdtemp(prefix=f".{stem}.staging-", dir=out))
     try:
-        summary = score_one(params, model, scene_uri, str(staging), model_uri=model_uri, checked=checked,
-                            progress=fence.progress)
+        try:
+            summary = score_one(params, model, scene_uri, str(staging), model_uri=model_uri, checked=checked,
+                                progress=fence.progress, output_stem=stem)
+        except NoSpaceError as exc:  # say where the outputs go, not the hidden staging folder they were written in
+            raise NoSpaceError(str(exc).replace(str(staging), str(out))) from exc.__cause__
         summary = _rebase(summary, str(staging), str(out))
         with fence.publishing():
             for f in staging.iterdir():
@@ -147,13 +152,13 @@ def score_scene_once(params: Params, load_model: Callable[[], object], scene_uri
                      model_uri: str, checked: bool = False, wait: bool = True, name: str | None = None) -> dict:
     """Score one scene unless the manifest shows this content already scored with this model (exactly once).
 
-    ``name`` is the scene's identity below ``out_uri`` (default its file stem; see ``score.scene_key``): outputs go
-    to its folder there and the ledger keys it by name. ``load_model`` is called only when the scene needs scoring.
+    ``name`` is the scene's identity below ``out_uri`` (default its file stem; see ``score.scene_keys``): outputs go
+    to its folder there, named after its last part, and the ledger keys it by name. ``load_model`` is called only when the scene needs scoring.
     Returns the scene's summary with ``status``: ``scored``, ``skipped`` or, with ``wait=False``, ``busy`` while
     another run holds it (see geoclip.scoring.ledger).
     """
     name = name or input_stem(str(scene_uri))
-    folder = posixpath.dirname(name)
+    folder, stem = posixpath.dirname(name), posixpath.basename(name)
     scene_out = out_uri
     if folder:
         scene_out = s3.join(out_uri, folder) if s3.is_s3(out_uri) else str(Path(out_uri) / folder)
@@ -165,8 +170,8 @@ def score_scene_once(params: Params, load_model: Callable[[], object], scene_uri
         try:
             if s3.is_s3(out_uri):  # score_one scores into a temp folder and uploads at the end, the summary last
                 return score_one(params, model, scene_uri, scene_out, model_uri=model_uri, checked=checked,
-                                 publishing=fence.publishing, progress=fence.progress)
-            return _score_staged(params, model, scene_uri, Path(scene_out), model_uri, checked, fence)
+                                 publishing=fence.publishing, progress=fence.progress, output_stem=stem)
+            return _score_staged(params, model, scene_uri, Path(scene_out), model_uri, checked, fence, stem)
         except ClaimLostError:
             raise
         except Exception as exc:

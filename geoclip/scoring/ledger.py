@@ -48,6 +48,7 @@ from pathlib import Path
 
 from geoclip.data import s3
 from geoclip.data.products import input_files, input_stem
+from geoclip.diskspace import writing
 from geoclip.errors import GeoclipError
 
 MANIFEST = "_manifest"
@@ -131,6 +132,12 @@ class _LocalStore:
     def create(self, name: str, obj: dict) -> bool:
         """Create ``name`` only if absent; False when it exists. Written first, then linked: never seen half-written."""
         path = self.root / name
+        with writing(path, "a claim of the scoring ledger"):
+            return self._create(path, obj)
+
+    @staticmethod
+    def _create(path: Path, obj: dict) -> bool:
+        """The body of :meth:`create`."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -149,6 +156,12 @@ class _LocalStore:
     def put(self, name: str, obj: dict) -> None:
         """Write ``name`` (replacing it) atomically and durably (fsynced before the rename)."""
         path = self.root / name
+        with writing(path, "a record of the scoring ledger"):
+            self._put(path, obj)
+
+    @staticmethod
+    def _put(path: Path, obj: dict) -> None:
+        """The body of :meth:`put`."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -402,6 +415,11 @@ class Ledger:
         if rec and rec.get("content_hash") == chash and rec.get("model_uri") == model_uri:
             return rec
         return None
+
+    def recorded_inputs(self, scene: str) -> set[str]:
+        """The inputs the done records of ``scene`` (a name in the manifest) were scored from."""
+        found = (self.store.read(n) for n in self.store.names(f"{scene}/done-"))
+        return {str(r["scene"]) for r in found if r and r.get("scene")}
 
     def records(self) -> list[dict]:
         """Every done record (for reports and tests)."""

@@ -3,13 +3,22 @@ the Prefect flow alike, then each scene exactly once and an overall summary."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from geoclip.config import Params
 from geoclip.registry.models import load_served_model, model_input_bands, resolve_model_uri
 from geoclip.registry.tracking import configure
 from geoclip.scoring.exactly_once import score_scene_once
-from geoclip.scoring.score import check_scenes, class_request, list_scenes, scene_key, scoring_identity, write_summary
+from geoclip.scoring.ledger import Ledger
+from geoclip.scoring.score import (
+    check_scenes,
+    class_request,
+    list_scenes,
+    scene_key,
+    scene_keys,
+    scoring_identity,
+    write_summary,
+)
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,11 @@ class ScoringPlan:
     scenes: list[str]
     out: str  # local folder or s3:// prefix
     root: str  # the scenes folder or prefix: a scene's identity is its path below it (score.scene_key)
+    names: dict[str, str] = field(default_factory=dict)  # scene -> identity, kept apart where stems collide
+
+    def name(self, scene: str) -> str:
+        """The scene's identity: outputs and ledger entry (see geoclip.scoring.score.scene_keys)."""
+        return self.names.get(scene) or scene_key(scene, self.root)
 
 
 def plan_scoring(params: Params, model_uri: str | None = None, source: str | None = None,
@@ -31,12 +45,15 @@ def plan_scoring(params: Params, model_uri: str | None = None, source: str | Non
     output folder exists.
     """
     root = str(source or params.score.scenes)
-    scenes = list_scenes(root)
+    scenes = list_scenes(root, params.score.allow_outside_paths)
     class_request(params.score)  # a bad class list fails before a model is resolved or a scene is checked
     configure(params)
     uri = resolve_model_uri(model_uri or params.score.model_uri)
     check_scenes(params, scenes, model_input_bands(uri), report=True)
-    return ScoringPlan(model_uri=uri, scenes=scenes, out=str(out_dir or params.paths.scores), root=root)
+    out = str(out_dir or params.paths.scores)
+    ledger = Ledger(out, params.score.claim_timeout_s, wait_timeout_s=params.score.wait_timeout_s)
+    return ScoringPlan(model_uri=uri, scenes=scenes, out=out, root=root,
+                       names=scene_keys(scenes, root, ledger.recorded_inputs))
 
 
 def score_planned_scene(params: Params, plan: ScoringPlan, scene: str, wait: bool = True) -> dict:
@@ -45,7 +62,7 @@ def score_planned_scene(params: Params, plan: ScoringPlan, scene: str, wait: boo
     configure(params)
     identity = scoring_identity(plan.model_uri, class_request(params.score))  # another class list: another scoring
     return score_scene_once(params, lambda: load_served_model(plan.model_uri), scene, plan.out, identity,
-                            checked=True, wait=wait, name=scene_key(scene, plan.root))
+                            checked=True, wait=wait, name=plan.name(scene))
 
 
 def score_scenes(params: Params, model_uri: str | None = None, source: str | None = None,

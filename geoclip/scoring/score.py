@@ -10,21 +10,25 @@ import contextlib
 import hashlib
 import itertools
 import json
+import posixpath
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from geoclip.bands import ALL_BAND_NAMES, canonical_band
 from geoclip.config import Params, ScoreConfig
 from geoclip.data import s3
+from geoclip.data.confine import refuse_outside
 from geoclip.data.product_reader import ProductReader, ReadOptions, open_product
-from geoclip.data.products import discover_inputs, input_files, input_stem
+from geoclip.data.products import MTD_NAMES, discover_inputs, input_files, input_stem
+from geoclip.data.tiles import walk_files
+from geoclip.diskspace import require_free, writing
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
 
@@ -33,6 +37,7 @@ from geoclip.scoring.blend import NODATA_CLASS, PROB_SCALE, PredictFn, blend_row
 from geoclip.scoring.embeddings import SUFFIX as EMBEDDINGS_SUFFIX
 from geoclip.scoring.embeddings import EmbeddingWriter
 from geoclip.scoring.pipeline import available_cores, in_background, read_ahead
+from geoclip.scoring.quicklook import MAX_SIZE as QUICKLOOK_SIZE
 from geoclip.scoring.quicklook import TrueColour, tapped, write_quicklook
 from geoclip.scoring.scene_io import gdal_path, scene_env, scene_envs, strip_rows, window_starts  # noqa: F401
 
@@ -115,20 +120,39 @@ def _find_truth(scene: Path | str, truth: Path | str | None) -> str | None:
     return str(truth) if Path(truth).exists() else None
 
 
+def scene_output_bytes(height: int, width: int, n_classes: int, window: int, stride: int, probabilities: bool,
+                       embeddings: bool, embed_dim: int) -> tuple[int, int]:
+    """Bytes a scene's outputs take: (an estimate of the peak, uncompressed: each COG beside the plain GeoTIFF it is
+    copied from and GDAL's overview file, float32 embeddings, the quick-look; the least they can take at the best
+    compression seen: class maps and probabilities 64:1, embeddings 2:1, a smooth quick-look)."""
+    pixels = height * width
+    rasters = pixels * (1 + (n_classes if probabilities else 0))
+    windows = ((height - window) // stride + 1) * ((width - window) // stride + 1)
+    vectors = windows * (4 * embed_dim + 100) if embeddings else 0  # + footprint and row id, per window
+    scale = max(1, -(-max(height, width) // QUICKLOOK_SIZE))
+    panels = 2 * -(-height // scale) * -(-width // scale)  # true colour beside the class map
+    estimate = int(rasters * 2.5 + vectors + panels * 4 + (64 << 10))
+    return estimate, int(rasters / 64 + vectors / 2 + panels / 4)
+
+
 def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_names: list[str], window: int = 64,
                 stride: int = 32, batch_size: int = 256, nodata: int = 0,
                 bands: Sequence[str] = ALL_BAND_NAMES, model_uri: str | None = None, scene_name: str | None = None,
                 quicklook: bool = True, truth: Path | str | None = None, probabilities: bool = False,
                 embeddings: bool = False, read: ReadOptions | None = None, model_level: str = "",
-                level_mismatch: str = "warn", full_resolution: bool = True, read_workers: int = 0) -> dict:
+                level_mismatch: str = "warn", full_resolution: bool = True, read_workers: int = 0,
+                embed_dim: int = 0, output_stem: str | None = None) -> dict:
     """Score one local or ``s3://`` input of any form (stacked raster, per-band folder, SAFE, STAC Item; see
     geoclip.data.products) read in the model's ``bands``: class map COG with its colour table, optional per-class
     probability COG, per-class areas, if a truth map exists pixel accuracy and, with ``embeddings``, each window's
     embedding and footprint (GeoParquet, see geoclip.scoring.embeddings).
 
     Reading (``read_workers`` threads, 0: the cores available), inference and writing overlap
-    (geoclip.scoring.pipeline); the outputs are the bytes a sequential run writes."""
-    out_dir, stem = Path(out_dir), input_stem(str(scene))
+    (geoclip.scoring.pipeline); the outputs are the bytes a sequential run writes. A volume that clearly cannot
+    hold the outputs (:func:`scene_output_bytes`) is refused before the first window; one that fills up meanwhile
+    is a :class:`geoclip.diskspace.NoSpaceError` (``embed_dim``: for the estimate only). Outputs are named
+    ``{output_stem}_classmap.tif`` ... (default: the input's stem; see :func:`scene_keys`)."""
+    out_dir, stem = Path(out_dir), output_stem or input_stem(str(scene))
     read = replace(read or ReadOptions(), nodata=nodata)
     if stride <= 0 or stride > window or window % stride:
         raise GeoclipError(f"stride {stride}: must be positive and divide the window ({window})")
@@ -138,8 +162,14 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
     started = time.perf_counter()
     uris = (scene, truth, *asset_uris(scene))
     envs = scene_envs(*uris)  # one S3 session for the scene, whichever thread reads
-    with envs(), _open_scene(scene, bands, window, read) as src:
+    with envs(), _open_scene(scene, bands, window, read) as src, contextlib.ExitStack() as guard:
         row_area = row_areas_m2(src, scene)  # fail before the long part
+        what = f"the outputs of {scene_name or scene}"
+        need, least = scene_output_bytes(src.height, src.width, len(class_names), window, stride, probabilities,
+                                         embeddings, embed_dim)
+        require_free(out_dir, what, need, least)  # refuse now only what clearly cannot fit; nearer the edge, a volume
+        # that fills up mid-scene is still said in one line
+        guard.enter_context(writing(out_dir, what, need))
         warnings_ = level_warnings(src, model_level, level_mismatch)
         for text in warnings_:
             print(f"warning: {text}", file=sys.stderr)
@@ -190,19 +220,21 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
     }
     if truth is not None:
         summary |= {"truth": truth, "truth_pixels": judged, "accuracy": correct / judged if judged else None}
-    if quicklook:
-        summary["quicklook"] = str(write_quicklook(outs["classmap"], out_dir / f"{stem}_quicklook.png",
-                                                   list(class_names), rgb, summary))
-    summary["summary"] = str(out_dir / f"{stem}_summary.json")
-    write_json(summary["summary"], summary)
+    with writing(out_dir, what, need):
+        if quicklook:
+            summary["quicklook"] = str(write_quicklook(outs["classmap"], out_dir / f"{stem}_quicklook.png",
+                                                       list(class_names), rgb, summary))
+        summary["summary"] = str(out_dir / f"{stem}_summary.json")
+        write_json(summary["summary"], summary)
     return summary
 
 
 
-def list_scenes(source: str | Path) -> list[str]:
+def list_scenes(source: str | Path, allow_outside: bool = False) -> list[str]:
     """The inputs in a local folder or under an ``s3://bucket/prefix``, at any depth (sorted): stacked ``*.tif``
     scenes, folders of per-band files, SAFE products and STAC Item JSONs (geoclip.data.products.discover_inputs);
-    folders whose names start with ``.`` or ``_`` (staging, the ledger) are skipped."""
+    folders whose names start with ``.`` or ``_`` (staging, the ledger) are skipped. Links to folders are followed;
+    a file that a link leads outside the folder is refused unless ``allow_outside`` (score.allow_outside_paths)."""
     if s3.is_s3(source):
         root = str(source).rstrip("/")
         files = [u for u in s3.list_uris(root) if not _hidden(u[len(root) + 1:])]
@@ -211,8 +243,9 @@ def list_scenes(source: str | Path) -> list[str]:
         if not folder.is_dir():
             raise GeoclipError(f"{folder}: no such folder; expected a folder of scenes or an s3:// prefix")
         root = str(folder)
-        files = [str(p) for p in sorted(folder.rglob("*")) if p.is_file()
-                 and not _hidden(p.relative_to(folder).as_posix())]
+        files = [str(p) for p in walk_files(folder) if p.is_file() and not _hidden(p.relative_to(folder).as_posix())]
+        refuse_outside(files, folder, "score.allow_outside_paths", allow_outside, where=str(source),
+                       place="this folder", expected="scenes")
     found = discover_inputs(root, files)
     if not found:
         raise GeoclipError(f"{source}: no scenes found (expected .tif scenes, per-band folders, SAFE products or "
@@ -243,6 +276,42 @@ def scene_key(scene_uri: str, root: str | Path) -> str:
     if folder and input_stem(scene) != input_stem(relative.rsplit("/", 1)[-1]):  # an MTD: its SAFE folder
         folder = folder.rsplit("/", 2)[0] + "/" if folder.count("/") > 1 else ""
     return folder + input_stem(scene)
+
+
+def _unit_name(scene_uri: str) -> str:
+    """The file or folder name a scene's stem comes from, suffix and all (a SAFE folder's for its MTD)."""
+    path = PurePosixPath(str(scene_uri).rstrip("/"))
+    return path.parent.name if path.name in MTD_NAMES else path.name
+
+
+def scene_keys(scenes: list[str], root: str | Path, recorded: Callable[[str], set[str]] | None = None
+               ) -> dict[str, str]:
+    """Every scene's identity (:func:`scene_key`), kept apart where stems collide in one folder.
+
+    ``T32.tif`` and ``T32.tiff`` would both be ``T32``: each then keeps its suffix (``T32.tif``, ``T32.tiff``), so
+    neither overwrites the other's outputs or ledger entry, except the one whose file name the ledger already
+    recorded under the plain stem (``recorded(key)``: the inputs its done records name), which keeps it and is not
+    scored again. GeoclipError, naming the files, if two scenes still share an identity.
+    """
+    keys = {s: scene_key(s, root) for s in scenes}
+    groups: dict[str, list[str]] = {}
+    for s, k in keys.items():
+        groups.setdefault(k, []).append(s)
+    for key, group in groups.items():
+        if len(group) < 2:
+            continue
+        known = {_unit_name(u) for u in (recorded(key) if recorded else set())}
+        holders = [s for s in group if _unit_name(s) in known]
+        for s in group:
+            if s not in holders[:1]:
+                keys[s] = posixpath.join(posixpath.dirname(key), _unit_name(s))
+    seen: dict[str, str] = {}
+    for s, k in keys.items():
+        if k in seen:
+            raise GeoclipError(f"{seen[k]} and {s}: both would be scored as {k!r} (their outputs would overwrite "
+                               "each other); rename one of them")
+        seen[k] = s
+    return keys
 
 
 def truth_uri(scene_uri: str) -> str:
@@ -291,7 +360,7 @@ def scoring_identity(model_uri: str, classes: dict[str, list[str]] | None) -> st
 
 def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: str | None = None,
               checked: bool = False, publishing: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-              progress: Callable[[], None] = lambda: None) -> dict:
+              progress: Callable[[], None] = lambda: None, output_stem: str | None = None) -> dict:
     """Score one local or S3 scene with a loaded pyfunc; write outputs to a local folder or S3 prefix.
 
     An S3 scene and its truth map are read in place through GDAL's /vsis3/, never downloaded. The scene first
@@ -321,7 +390,8 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
               "quicklook": cfg.quicklook, "probabilities": cfg.probabilities, "embeddings": cfg.embeddings,
               "read": read_options(cfg), "model_level": meta.get("processing_level") or "",
               "level_mismatch": cfg.level_mismatch, "full_resolution": cfg.full_resolution,
-              "read_workers": cfg.read_workers}
+              "read_workers": cfg.read_workers, "embed_dim": int(meta.get("embed_dim") or 0),
+              "output_stem": output_stem}
     if not checked:
         check_scenes(params, [scene_uri], kwargs["bands"])
     if not s3.is_s3(out_uri):

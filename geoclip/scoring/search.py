@@ -7,6 +7,7 @@ quick-look mosaic of the hits' true-colour windows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -217,12 +218,15 @@ def search(index, query: np.ndarray, text: str, out_dir: str | Path, top: int = 
     features = [{"type": "Feature", "geometry": g,
                  "properties": {k: (v.item() if hasattr(v, "item") else v) for k, v in h.items() if k != "crs"}}
                 for g, (_, h) in zip(geoms, hits.iterrows(), strict=True)]
-    with atomic_path(out / "hits.geojson") as tmp:
+    # The hits are one set: each file is written to a temporary name and all are renamed only once every one is
+    # written, so a failure (a full volume) leaves the previous set whole, never a new GeoJSON beside an old mosaic.
+    with contextlib.ExitStack() as renames:
+        tmp = renames.enter_context(atomic_path(out / "hits.geojson", "the search hits"))
         tmp.write_text(json.dumps({"type": "FeatureCollection", "query": text, "features": features}, indent=1))
-    with atomic_path(out / "hits.csv") as tmp:
+        tmp = renames.enter_context(atomic_path(out / "hits.csv", "the search hits"))
         hits.to_csv(tmp, index=False)
-    if mosaic and len(hits):
-        write_mosaic(hits, out / "hits.png", text)
+        if mosaic and len(hits):
+            write_mosaic(hits, renames.enter_context(atomic_path(out / "hits.png", "the search hits' mosaic")), text)
     return hits
 
 

@@ -104,8 +104,20 @@ def check_fingerprint(path: Path, saved: dict[str, str], current: dict[str, str]
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` to ``path`` atomically (a kill mid-write leaves the previous checkpoint intact)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: same state, same bytes (see save_model)
-        torch.save({"format": FORMAT_VERSION, **state}, f)
+    need = sum(t.numel() * t.element_size() for t in _tensors(state))
+    with atomic_path(path, "the training checkpoint", need) as tmp, open(tmp, "wb") as f:  # a file object: same
+        torch.save({"format": FORMAT_VERSION, **state}, f)  # state, same bytes (see save_model)
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor in a nest of dicts, lists and tuples (what a checkpoint's size is made of)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
 
 
 def remove_stale_temps(path: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from geoclip.errors import GeoclipError
 from geoclip.scoring.ledger import Ledger
 from geoclip.scoring.runs import score_scenes
 from geoclip.scoring.scene_io import scan_windows
-from geoclip.scoring.score import PROB_SCALE, list_scenes, scene_key, score_one, score_scene, window_starts
+from geoclip.scoring.score import PROB_SCALE, list_scenes, scene_key, scene_keys, score_one, score_scene, window_starts
 
 CLASSES = list(EUROSAT_CLASSES)
 
@@ -193,6 +193,44 @@ def test_same_file_name_in_two_folders_is_two_scenes(tmp_path, mlflow_server, mo
         assert (out / year / "T32UQD_classmap.tif").is_file()
     assert sorted(r["name"] for r in Ledger(str(out)).records()) == ["2023/T32UQD", "2024/T32UQD"]
     assert [r["status"] for r in score_scenes(params, out_dir=str(out))] == ["skipped", "skipped"]
+
+
+def test_scenes_whose_stems_collide_keep_their_suffixes_and_old_ledgers_hold(tmp_path, mlflow_server, monkeypatch):
+    """``T32.tif`` then ``T32.tiff`` beside it: two scenes, two sets of outputs; the one scored before keeps its
+    plain-stem outputs and ledger entry and is not scored again."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name = f"geoclip-{uuid.uuid4().hex[:8]}"
+    register_champion(tmp_path, mlflow_server, name)
+    scenes = tmp_path / "scenes"
+    write_scene(scenes / "T32.tif")
+    params = params_from_dict({"mlflow": {"tracking_uri": mlflow_server, "experiment": "test-score"},
+                               "score": {"model_uri": f"models:/{name}@champion", "scenes": str(scenes),
+                                         "batch_size": 32}})
+    out = tmp_path / "scores"
+    assert [r["status"] for r in score_scenes(params, out_dir=str(out))] == ["scored"]  # before the other came
+    write_scene(scenes / "T32.tiff", nodata_box=80)  # another scene, the same stem
+
+    results = score_scenes(params, out_dir=str(out))
+
+    assert [r["status"] for r in results] == ["skipped", "scored"]
+    assert json.loads((out / "T32_summary.json").read_text())["nodata_pixels"] == 1600
+    assert json.loads((out / "T32.tiff_summary.json").read_text())["nodata_pixels"] == 6400
+    assert sorted(r["name"] for r in Ledger(str(out)).records()) == ["T32", "T32.tiff"]
+    fresh = tmp_path / "fresh"  # a ledger that knows neither: both keep their suffixes
+    assert [r["status"] for r in score_scenes(params, out_dir=str(fresh))] == ["scored", "scored"]
+    assert sorted(r["name"] for r in Ledger(str(fresh)).records()) == ["T32.tif", "T32.tiff"]
+    assert (fresh / "T32.tif_classmap.tif").is_file() and (fresh / "T32.tiff_classmap.tif").is_file()
+
+
+def test_scene_keys_keep_suffixes_only_where_stems_collide():
+    scenes = ["/s/a/T32.tif", "/s/a/T32.tiff", "/s/b/T32.tif", "/s/P.SAFE/MTD_MSIL1C.xml", "/s/P.tif"]
+    assert scene_keys(scenes, "/s") == {"/s/a/T32.tif": "a/T32.tif", "/s/a/T32.tiff": "a/T32.tiff",
+                                        "/s/b/T32.tif": "b/T32", "/s/P.SAFE/MTD_MSIL1C.xml": "P.SAFE",
+                                        "/s/P.tif": "P.tif"}
+    # the ledger recorded a/T32.tif (from wherever the project was then) under the plain stem: it keeps it
+    recorded = {"a/T32": {"/old/place/a/T32.tif"}}
+    assert scene_keys(scenes[:2], "/s", lambda key: recorded.get(key, set())) == {
+        "/s/a/T32.tif": "a/T32", "/s/a/T32.tiff": "a/T32.tiff"}
 
 
 def test_scenes_scored_over_another_class_list_once_per_list(tmp_path, mlflow_server, monkeypatch):
