@@ -3,14 +3,16 @@ random step. Nothing may be lost or duplicated, and every error the user sees mu
 
 **Full volume** (``--runs``): a small tmpfs (mounting needs root; without it this part says so and is skipped) holds
 the scoring outputs and the ledger. Each run is what ``geoclip score`` does (the exactly-once step of every scene in
-turn, a GeoclipError printed as one ``error:`` line, exit 2) in a process of its own, while another writer on the
-volume fills it at a random moment (in most runs), leaving a random few hundred kB. After a failed run the space is freed, as a
-user would, and the next run goes on. At the end every scene must be recorded done exactly once, its class map
-byte-identical to a run on a roomy disk, and the volume must hold no staging folder, temp file or claim.
+turn, a GeoclipError printed as one ``error:`` line, exit 2) in a process of its own, new scenes arriving before
+each run, while another writer on the volume fills it at a random moment (in most runs), leaving a random few hundred
+kB. After a failed run the space is freed, as a user would, and the next run goes on; a last run has no faults. At the
+end every scene must be recorded done exactly once, its class map byte-identical to a run on a roomy disk, and the
+volume must hold no staging folder, temp file or claim.
 
 **Dead rank** (``--kills``): a 2-rank torchrun training (gloo, CPU) on tiny synthetic data; a rank is SIGKILLed at a
 random moment; ``geoclip train --resume`` is run again until the training completes. Each failure must be one
-``error:`` line naming the log file; the finished history must hold every epoch once; the checkpoint must load.
+``error:`` line naming the log file; the finished history must hold every epoch once; the checkpoint must load; the
+weights must equal those of the same training never interrupted.
 
 ``python bench/resource_faults.py --runs 30 --kills 3 --seed 0``
 """
@@ -18,6 +20,7 @@ random moment; ``geoclip train --resume`` is run again until the training comple
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -86,7 +89,7 @@ def write_scenes(folder: Path, n: int, rng: random.Random) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(n):
-        size = rng.choice([256, 384, 512])
+        size = rng.choice([256, 320, 384])
         data = np.random.default_rng(k).integers(500, 3000, size=(13, size, size), dtype=np.uint16)
         path = folder / f"scene_{k:03d}.tif"
         with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=13, dtype="uint16",
@@ -117,30 +120,32 @@ def mount_tmpfs(where: Path, mb: int) -> bool:
 
 
 def full_volume(args, rng: random.Random, tmp: Path) -> dict:
-    """Score onto a volume that fills up at random until every scene is done; check what is left."""
+    """Score onto a volume that fills up at random while new scenes keep arriving; check what is left."""
     vol = tmp / "vol"
     if not mount_tmpfs(vol, args.volume_mb):
         return {"skipped": "mounting a tmpfs needs root (run as root, e.g. in CI's container)"}
     try:
-        scenes = write_scenes(tmp / "scenes", args.scenes, rng)
+        total = args.scenes + args.new_per_run * args.runs
+        every = write_scenes(tmp / "scenes", total, rng)
         reference, events = tmp / "reference", tmp / "events.jsonl"
-        done = score_run(reference, scenes, tmp / "reference-events.jsonl")
+        done = score_run(reference, every, tmp / "reference-events.jsonl")
         if done.returncode:
             raise SystemExit(f"the reference run failed: {done.stderr[-2000:]}")
         out, filler = vol / "scores", vol / ".other-writer"
-        runs, outcomes, messy = 0, Counter(), []
-        while runs < args.runs:
-            runs += 1
+        outcomes, messy = Counter(), []
+        for run in range(args.runs + 1):  # the last run has no faults: it must finish what is left
+            scenes = every[:args.scenes + args.new_per_run * run]  # new acquisitions arrive with every run
             stop = threading.Event()
 
             def fill(delay: float = rng.uniform(0.0, args.fill_within), leave: int = rng.randrange(0, 600_000),
-                     fills: bool = rng.random() < args.fill_share, stop: threading.Event = stop) -> None:
+                     fills: bool = run < args.runs and rng.random() < args.fill_share,
+                     stop: threading.Event = stop) -> None:
                 if not fills or stop.wait(delay):
                     return
                 room = shutil.disk_usage(vol).free - leave
                 if room > 0:
-                    with open(filler, "wb") as f:  # another program on the volume takes the space
-                        f.write(b"\0" * room)
+                    with contextlib.suppress(OSError), open(filler, "wb") as f:  # another program takes the space
+                        f.write(b"\0" * room)  # (and may itself meet a full volume: the scorer wrote meanwhile)
 
             other = threading.Thread(target=fill)
             other.start()
@@ -150,7 +155,7 @@ def full_volume(args, rng: random.Random, tmp: Path) -> dict:
             filler.unlink(missing_ok=True)  # the user frees space before running again
             if result.returncode == 0:
                 outcomes["completed"] += 1
-                break
+                continue
             kind = ("refused_before_writing" if "too little for" in result.stderr else
                     "volume_filled_while_writing" if "no space left" in result.stderr else "other_error")
             outcomes[kind] += 1
@@ -159,13 +164,14 @@ def full_volume(args, rng: random.Random, tmp: Path) -> dict:
         writes = Counter(json.loads(line)["name"] for line in events.read_text().splitlines()) if events.exists() \
             else Counter()
         same = sum((out / f"{s.stem}_classmap.tif").is_file() and (out / f"{s.stem}_classmap.tif").read_bytes()
-                   == (reference / f"{s.stem}_classmap.tif").read_bytes() for s in scenes)
+                   == (reference / f"{s.stem}_classmap.tif").read_bytes() for s in every)
         leftovers = [str(p.relative_to(vol)) for p in vol.rglob("*") if ".staging-" in p.name or p.name.endswith(
             ".tmp") or p.name.startswith("claim-")]
-        return {"scenes": len(scenes), "volume_mb": args.volume_mb, "runs": runs, "outcomes": dict(outcomes),
-                "completed": outcomes["completed"] == 1, "errors_one_line": runs - outcomes["completed"] - len(messy),
+        failed = args.runs + 1 - outcomes["completed"]
+        return {"scenes": total, "volume_mb": args.volume_mb, "runs": args.runs + 1, "outcomes": dict(outcomes),
+                "last_run_completed": result.returncode == 0, "errors_one_line": failed - len(messy),
                 "errors_not_one_line": len(messy), "scenes_done": len(writes),
-                "duplicates": sum(n - 1 for n in writes.values() if n > 1), "lost": len(scenes) - same,
+                "duplicates": sum(n - 1 for n in writes.values() if n > 1), "lost_or_different": total - same,
                 "leftovers": leftovers, "messy_examples": messy[:2]}
     finally:
         subprocess.run(["umount", "-l", str(vol)], check=False)
@@ -183,7 +189,7 @@ def dead_rank(args, rng: random.Random, tmp: Path) -> dict:
                                                       "prepared": "data/prepared", "reports": "reports",
                                                       "model": "models", "eval": "eval"}.items()},
               "synth": {"tiles_per_class": 24, "n_scenes": 0},
-              "train": {"image_encoder": "resnet10t", "pretrained": "none", "embed_dim": 32, "epochs": args.epochs,
+              "train": {"image_encoder": "resnet10t", "pretrained": "", "embed_dim": 32, "epochs": args.epochs,
                         "batch_size": 16, "nproc_per_node": 2, "num_threads": 1},
               "mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "mlartifacts"),
                          "experiment": "resource-faults"}}
@@ -207,8 +213,11 @@ def dead_rank(args, rng: random.Random, tmp: Path) -> dict:
                 ranks = _ranks(proc.pid)
             time.sleep(rng.uniform(0.5, args.kill_within))  # somewhere in the run: loading, an epoch, a checkpoint
             if ranks and proc.poll() is None:
-                os.kill(rng.choice(ranks), signal.SIGKILL)
-                kills, killed = kills + 1, True
+                try:
+                    os.kill(rng.choice(ranks), signal.SIGKILL)
+                    kills, killed = kills + 1, True
+                except ProcessLookupError:  # that rank had just finished
+                    pass
         _, err = proc.communicate()
         if proc.returncode == 0 and not killed:
             break
@@ -227,11 +236,20 @@ def dead_rank(args, rng: random.Random, tmp: Path) -> dict:
         loads = True
     except Exception:  # noqa: BLE001 - any failure to load is what is counted
         loads = False
+    # The same training, never interrupted: the killed and resumed one must end at the same weights.
+    params["paths"]["model"] = str(root / "models-uninterrupted")
+    path.write_text(yaml.safe_dump(params))
+    subprocess.run([*geoclip, "train"], check=True, capture_output=True, cwd=root)
+    same = False
+    if (root / "models" / "model.pt").is_file():
+        ours = torch.load(root / "models" / "model.pt", weights_only=True)
+        theirs = torch.load(root / "models-uninterrupted" / "model.pt", weights_only=True)
+        same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     return {"kills": kills, "attempts": attempts, "errors_one_line": len(errors) - len(messy),
             "errors_not_one_line": len(messy), "error_lines": errors,
             "completed": (root / "models" / "model.pt").is_file(), "epochs_in_history": epochs,
             "duplicated_epochs": len(epochs) - len(set(epochs)), "checkpoint_loads": loads,
-            "messy_examples": messy[:2]}
+            "weights_equal_uninterrupted": same, "messy_examples": messy[:2]}
 
 
 def _ranks(agent: int) -> list[int]:
@@ -249,11 +267,13 @@ def _ranks(agent: int) -> list[int]:
 def main(argv: list[str] | None = None) -> dict:
     """Run both parts; print and return the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=30, help="most scoring runs onto the filling volume (default 30)")
-    ap.add_argument("--scenes", type=int, default=30)
-    ap.add_argument("--volume-mb", type=int, default=64)
-    ap.add_argument("--fill-within", type=float, default=15.0, help="the other writer fills the volume within "
-                    "this many seconds of a run's start (default 15)")
+    ap.add_argument("--runs", type=int, default=30, help="scoring runs onto the filling volume, then one without "
+                    "faults (default 30)")
+    ap.add_argument("--scenes", type=int, default=6, help="scenes at the first run (default 6)")
+    ap.add_argument("--new-per-run", type=int, default=2, help="new scenes arriving before each run (default 2)")
+    ap.add_argument("--volume-mb", type=int, default=256)
+    ap.add_argument("--fill-within", type=float, default=6.0, help="the other writer fills the volume within "
+                    "this many seconds of a run's start (default 6)")
     ap.add_argument("--fill-share", type=float, default=0.8, help="share of runs during which it does (default 0.8)")
     ap.add_argument("--kills", type=int, default=3, help="training ranks to kill (0: skip that part)")
     ap.add_argument("--epochs", type=int, default=8)

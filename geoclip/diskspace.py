@@ -89,9 +89,17 @@ def is_no_space(exc: BaseException, where: str | Path | None = None) -> bool:
         return False  # about the input, even if written near a full disk
     if any(_NO_SPACE_TEXT.search(str(e)) for e in chain):
         return True
-    if where is not None and any(_WRITE_FAILED_TEXT.search(str(e)) for e in chain):
-        return free_bytes(where) < NEARLY_FULL_BYTES
-    return False
+    if where is None or free_bytes(where) >= NEARLY_FULL_BYTES:
+        return False
+    # On a (nearly) full volume: a writer's failure in words, or libtiff failing on a file it was writing there
+    # (a GeoTIFF closed when its last write could not be made reads back as "Failed to read directory").
+    return any(_WRITE_FAILED_TEXT.search(str(e)) or _gdal(e) and ("TIFF" in str(e) or Path(where).name in str(e))
+               for e in chain)
+
+
+def _gdal(exc: BaseException) -> bool:
+    """True for an error GDAL raised through rasterio (it carries text, no errno)."""
+    return type(exc).__name__.startswith("CPLE_") or type(exc).__name__ == "RasterioIOError"
 
 
 def _quota(exc: BaseException) -> bool:

@@ -194,22 +194,29 @@ def _pass_through(stream, sink, output: _AgentOutput) -> None:
 
 
 class _AgentOutput:
-    """What of a torchrun agent's stderr reaches the console: workers' output (progress bars, a crash's traceback)
-    as it comes, but not a worker's ``error:`` line (the launcher raises it, once) and nothing after it, nor the
-    agent's own ChildFailedError traceback and report. A line that may become one of those is held until it ends."""
+    """What of a torchrun agent's stderr reaches the console: workers' output (progress bars, notes) as it comes; not a
+    worker's ``error:`` line (the launcher raises it, once) nor anything after it; not a traceback, a worker's or the
+    agent's (the log has them; a crash's message names the failed rank's exception); not the agent's own log lines
+    and ChildFailedError report. A line that may become one of those is held until it ends."""
 
-    _HELD = ("error: ", "Traceback (most recent call last):")
+    _HELD = ("error: ", "Traceback (most recent call last):", "[rank")
+    # torch prefixes each line of a rank's traceback with "[rankN]:" when several ranks share the stream.
+    _PREFIX = re.compile(r"^(\[rank(\d+)\]:\s?)?(.*)$", re.DOTALL)
     # A frame of the agent itself: workers run geoclip.stages, never torch.distributed.run.
     _AGENT_FRAME = re.compile(r'^\s*File ".*torch[/\\]distributed[/\\]run\.py"')
-    _PEEK = 8  # a traceback's first lines held to find out whose it is (the agent's third frame is run.py)
+    # Where a traceback begins, also on a line a progress bar left unfinished ("...40%|##[rank1]: Traceback ...").
+    _TRACEBACK_START = re.compile(r"(\[rank\d+\]:\s?)?Traceback \(most recent call last\):|\[rank\d")
+    # The agent's own log lines ("E1207 21:11:11.345000 29434 torch/distributed/elastic/...] failed ...").
+    _AGENT_LOG = re.compile(r"^[EWI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ .*torch/distributed/")
 
     def __init__(self, console):
         self.error: str | None = None  # the first worker error, without "error: "
         self._console = console
         self._line, self._shown = "", 0  # the segment being read (up to \n or \r) and how much of it is shown
-        self._held: list[str] | None = None  # a traceback's first lines, until we know whose it is
+        self._in_traceback: set[str] = set()  # prefixes ("" or "[rank1]:") whose traceback is being read
+        self.exceptions: dict[int | None, str] = {}  # each rank's last traceback's exception line (None: no prefix)
         self._muted = False
-        self._report = ""  # what was muted (the agent's report): its root cause names the failed rank
+        self._report = ""  # the agent's report and log lines: its root cause names the failed rank
 
     def feed(self, text: str) -> None:
         """Take the next piece of the stream."""
@@ -219,62 +226,69 @@ class _AgentOutput:
                 line, shown = self._line, self._shown
                 self._line, self._shown = "", 0
                 self._segment(line, shown)
-            elif not self._muted and self._held is None and not self._may_hold(self._line):
+            elif not self._muted and not self._in_traceback and not self._may_hold(self._line) \
+                    and not self._TRACEBACK_START.search(self._line, self._shown):
                 self._show(self._line[self._shown:])  # a progress bar: shown as it is drawn
                 self._shown = len(self._line)
         self._console.flush()
 
     def close(self) -> None:
-        """The stream ended: show what is held back that turned out to be a worker's."""
+        """The stream ended."""
         if self._line:
             self._segment(self._line, self._shown)
             self._line, self._shown = "", 0
-        self._release()
         self._console.flush()
 
     def cause(self, rc: int) -> str:
-        """Why the run failed, from the agent's report (the first failed rank), else from its exit code ``rc``."""
+        """Why the run failed, from the agent's report (the first failed rank, and the exception it raised), else
+        from its exit code ``rc``."""
         root = self._report.partition("Root Cause")[2]
         rank, code = re.search(r"rank\s*:\s*(\d+)", root), re.search(r"exitcode\s*:\s*(-?\d+)", root)
         if not (rank and code):
             return f"torchrun exited with code {rc}"
         rank, code = int(rank[1]), int(code[1])
         if code >= 0:
-            return f"rank {rank} exited with code {code}"
-        with contextlib.suppress(ValueError):
+            raised = self.exceptions.get(rank) or self.exceptions.get(None)
+            return f"rank {rank} exited with code {code}" + (f" ({raised})" if raised else "")
+        with contextlib.suppress(ValueError):  # killed: what the other ranks raised then is a consequence
             name = signal.Signals(-code).name
             return f"rank {rank} was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
         return f"rank {rank} was killed by signal {-code}"
 
     def _may_hold(self, line: str) -> bool:
-        return any(p.startswith(line[:len(p)]) for p in self._HELD)
+        # An agent log line may arrive in pieces: anything that starts like one ("E1207 ...") waits for its end.
+        return any(p.startswith(line[:len(p)]) for p in self._HELD) or bool(re.match(r"[EWI](\d|$)", line))
 
     def _segment(self, line: str, shown: int) -> None:
-        if self._muted:
+        start = None if self._muted else self._TRACEBACK_START.search(line, shown)
+        if start and start.start() > 0:  # a traceback right after a progress bar, on the bar's line
+            self._show(line[shown:start.start()] + "\n")
+            line, shown = line[start.start():], 0
+        if self._muted or self._AGENT_LOG.match(line):
             self._report = (self._report + line)[-65536:]
             return
-        if self._held is not None:
-            if line[:1].isspace() and len(self._held) < self._PEEK:
-                self._held.append(line)
-                if self._AGENT_FRAME.match(line):
-                    self._mute("".join(self._held))
-                return
-            self._release()  # a worker's traceback (or the end of one): on with the console
-        if shown == 0 and line.startswith("error: "):
-            self.error = line[len("error: "):].strip()
+        prefix, rank, body = self._PREFIX.match(line).groups()
+        prefix = prefix or ""
+        if prefix in self._in_traceback:
+            if self._AGENT_FRAME.match(body):  # the agent's own traceback: its report follows, all for the log
+                self._mute(line)
+            elif body[:1].isspace() or not body.strip() or body.startswith(("Traceback", "The above exception",
+                                                                            "During handling")):
+                pass  # a frame: in the log only
+            else:
+                self.exceptions[int(rank) if rank else None] = body.strip()
+                self._in_traceback.discard(prefix)
+            return
+        if shown == 0 and body.startswith("error: "):
+            self.error = body[len("error: "):].strip()
             self._mute(line)
-        elif shown == 0 and line.rstrip("\r\n") == self._HELD[1]:
-            self._held = [line]
+        elif shown == 0 and body.rstrip("\r\n") == self._HELD[1]:
+            self._in_traceback.add(prefix)
         else:
             self._show(line[shown:])
 
     def _mute(self, text: str) -> None:
-        self._muted, self._held, self._report = True, None, text
-
-    def _release(self) -> None:
-        if self._held is not None:
-            self._show("".join(self._held))
-            self._held = None
+        self._muted, self._report = True, text
 
     def _show(self, text: str) -> None:
         self._console.write(text)
