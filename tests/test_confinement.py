@@ -161,12 +161,15 @@ def test_scoring_plans_list_scenes_with_score_allow_outside_paths(tmp_path, monk
         plan_scoring(params_from_dict({"score": section | {"allow_outside_paths": True}}))
 
 
-def test_scene_links_that_stay_inside_or_hide_are_listed_or_skipped(tmp_path):
+def test_scene_links_that_stay_inside_name_a_listed_scene_once_or_hide_and_are_skipped(tmp_path):
     scenes = tmp_path / "scenes"
     tile(scenes / "2024" / "T32UQD.tif")
-    link(scenes / "latest.tif", "2024/T32UQD.tif")  # inside: a second name for a scene there
+    link(scenes / "latest.tif", "2024/T32UQD.tif")  # inside: a second name for a scene there, scored once
+    link(scenes / "current", "2024")  # a second name for the folder: its scenes too
+    tile(scenes / "other" / "b.tif")
+    link(scenes / "b_link.tif", "other/b.tif")
     link(scenes / "_staging" / "x.tif", tile(tmp_path / "elsewhere" / "x.tif"))  # skipped folders are not judged
-    assert list_scenes(scenes) == [str(scenes / "2024" / "T32UQD.tif"), str(scenes / "latest.tif")]
+    assert list_scenes(scenes) == [str(scenes / "2024" / "T32UQD.tif"), str(scenes / "other" / "b.tif")]
 
 
 # The helpers.

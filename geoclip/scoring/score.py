@@ -246,11 +246,20 @@ def list_scenes(source: str | Path, allow_outside: bool = False) -> list[str]:
         files = [str(p) for p in walk_files(folder) if p.is_file() and not _hidden(p.relative_to(folder).as_posix())]
         refuse_outside(files, folder, "score.allow_outside_paths", allow_outside, where=str(source),
                        place="this folder", expected="scenes")
+        files = _once_each(files, folder)
     found = discover_inputs(root, files)
     if not found:
         raise GeoclipError(f"{source}: no scenes found (expected .tif scenes, per-band folders, SAFE products or "
                            "STAC Item JSONs)")
     return found
+
+
+def _once_each(files: list[str], folder: Path) -> list[str]:
+    """``files`` less the links to a file also listed (``latest.tif`` -> ``2024/T32UQD.tif``): one scene is scored
+    once, under its own path, not again under each name a link gives it."""
+    base = folder.resolve()
+    real = {Path(f).resolve() for f in files if Path(f).resolve() == base / Path(f).relative_to(folder)}
+    return [f for f in files if Path(f).resolve() == base / Path(f).relative_to(folder) or Path(f).resolve() not in real]
 
 
 def _hidden(relative: str) -> bool:
