@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one subcommand; a GeoclipError, or a full volume met by a writer geoclip does not wrap,
     becomes a one-line message and exit code 2."""
-    from geoclip.diskspace import is_no_space, no_space_message
+    from geoclip.diskspace import is_no_space, is_quota, no_space_message
 
     args = build_parser().parse_args(argv)
     try:
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         if not is_no_space(exc):
             raise
         where = exc.filename or "."
-        print(f"error: {no_space_message(where, Path(where).name or 'a file', quota=False)}", file=sys.stderr)
+        print(f"error: {no_space_message(where, Path(where).name or 'a file', quota=is_quota(exc))}", file=sys.stderr)
         return 2
     return 0
 

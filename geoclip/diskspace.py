@@ -102,7 +102,7 @@ def _gdal(exc: BaseException) -> bool:
     return type(exc).__name__.startswith("CPLE_") or type(exc).__name__ == "RasterioIOError"
 
 
-def _quota(exc: BaseException) -> bool:
+def is_quota(exc: BaseException) -> bool:
     """True when the chain says the user's quota, not the volume, is what filled."""
     return any(isinstance(e, OSError) and e.errno == errno.EDQUOT or "quota" in str(e).lower() for e in _chain(exc))
 
@@ -135,7 +135,7 @@ def writing(where: str | Path, what: str | None = None, need: int | None = None,
     except NoSpaceError as exc:
         if need is None:
             raise
-        raise NoSpaceError(no_space_message(where, what or Path(where).name, need, None, _quota(exc))) from exc.__cause__
+        raise NoSpaceError(no_space_message(where, what or Path(where).name, need, None, is_quota(exc))) from exc.__cause__
     except Exception as exc:
         if not is_no_space(exc, where):
             raise
@@ -147,7 +147,7 @@ def writing(where: str | Path, what: str | None = None, need: int | None = None,
                         and isinstance(e.filename, str)), None)
         if refused and volume(refused) != volume(where):
             where = refused
-        raise NoSpaceError(no_space_message(where, what or Path(where).name, need, done, _quota(exc))) from exc
+        raise NoSpaceError(no_space_message(where, what or Path(where).name, need, done, is_quota(exc))) from exc
 
 
 def require_free(where: str | Path, what: str, need: int, at_least: int) -> None:

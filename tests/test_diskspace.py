@@ -66,3 +66,17 @@ def test_quota_and_chained_errors_are_recognised(tmp_path):
 
 def test_human_sizes():
     assert [human(n) for n in (512, 1500, 2_500_000, 3e9)] == ["512 B", "1.5 kB", "2.5 MB", "3.0 GB"]
+
+
+def test_the_command_line_backstop_says_a_full_volume_a_writer_outside_geoclip_met(tmp_path, monkeypatch, capsys):
+    """An errno-28 OSError no geoclip writer wrapped (e.g. inside MLflow) still ends as one line, exit 2."""
+    from geoclip import cli
+
+    def full(args):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "artifacts" / "model.pt"))
+
+    monkeypatch.setattr(cli, "cmd_priors", full)  # the real parser and main(); only the command's work replaced
+    assert cli.main(["priors"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: your disk quota is used up on ")
+    assert "while writing model.pt (" in err
