@@ -89,11 +89,11 @@ while True:  # score every scene, again and again: a restarted or woken worker f
 """
 
 
-def write_scenes(folder: Path, n: int, size: int) -> list[Path]:
-    """``n`` small 13-band uint16 scenes with different content."""
+def write_scenes(folder: Path, sizes: list[int]) -> list[Path]:
+    """Small 13-band uint16 scenes with different content, one per entry of ``sizes`` (its side in pixels)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k in range(n):
+    for k, size in enumerate(sizes):
         data = np.random.default_rng(k).integers(500, 3000, size=(13, size, size), dtype=np.uint16)
         path = folder / f"scene_{k:03d}.tif"
         with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=13, dtype="uint16",
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="geoclip-faults-") as tmp:
         tmp = Path(tmp)
-        scenes = write_scenes(tmp / "scenes", args.scenes, args.size)
+        scenes = write_scenes(tmp / "scenes", [args.size] * args.scenes)
         backend, port = free_port(), free_port()
         creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
         moto = Server("moto", [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(backend)],

@@ -36,9 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # geoclip from this checkout, installed or not
 
-import numpy as np
-import rasterio
-from rasterio.transform import from_origin
+from faults import write_scenes  # bench/ is this script's folder, first on sys.path
 
 # One `geoclip score` run over the scenes with a light stand-in model (the full model is not what is under test).
 SCORER = r"""
@@ -84,21 +82,6 @@ except GeoclipError as exc:  # what geoclip.cli.main does
 """
 
 
-def write_scenes(folder: Path, n: int, rng: random.Random) -> list[Path]:
-    """``n`` 13-band uint16 scenes of random sizes and content (outside the small volume)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(n):
-        size = rng.choice([256, 320, 384])
-        data = np.random.default_rng(k).integers(500, 3000, size=(13, size, size), dtype=np.uint16)
-        path = folder / f"scene_{k:03d}.tif"
-        with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=13, dtype="uint16",
-                           crs="EPSG:32632", transform=from_origin(500000, 5000000, 10, 10), tiled=True) as dst:
-            dst.write(data)
-        paths.append(path)
-    return paths
-
-
 def score_run(out: Path, scenes: list[Path], events: Path) -> subprocess.CompletedProcess:
     """One scoring run in a process of its own."""
     return subprocess.run([sys.executable, "-c", SCORER, str(events), str(out), *map(str, scenes)],
@@ -126,7 +109,7 @@ def full_volume(args, rng: random.Random, tmp: Path) -> dict:
         return {"skipped": "mounting a tmpfs needs root (run as root, e.g. in CI's container)"}
     try:
         total = args.scenes + args.new_per_run * args.runs
-        every = write_scenes(tmp / "scenes", total, rng)
+        every = write_scenes(tmp / "scenes", [rng.choice([256, 320, 384]) for _ in range(total)])
         reference, events = tmp / "reference", tmp / "events.jsonl"
         done = score_run(reference, every, tmp / "reference-events.jsonl")
         if done.returncode:

@@ -73,6 +73,18 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="module")
+def pyfunc_model(tmp_path_factory):
+    """A tiny geoclip pyfunc saved to a local folder and loaded back (one per test module)."""
+    import mlflow
+    from factories import make_model_dir, synthetic_tiles
+
+    from geoclip.registry.pyfunc import save_pyfunc
+
+    root = tmp_path_factory.mktemp("pyfunc")
+    return mlflow.pyfunc.load_model(str(save_pyfunc(make_model_dir(root / "model"), synthetic_tiles(2), root / "pf")))
+
+
 @pytest.fixture
 def real_tiles() -> Path:
     """The 100 real EuroSAT_MS dev tiles, or skip."""

@@ -258,8 +258,10 @@ def _once_each(files: list[str], folder: Path) -> list[str]:
     """``files`` less the links to a file also listed (``latest.tif`` -> ``2024/T32UQD.tif``): one scene is scored
     once, under its own path, not again under each name a link gives it."""
     base = folder.resolve()
-    real = {Path(f).resolve() for f in files if Path(f).resolve() == base / Path(f).relative_to(folder)}
-    return [f for f in files if Path(f).resolve() == base / Path(f).relative_to(folder) or Path(f).resolve() not in real]
+    target = {f: Path(f).resolve() for f in files}
+    own = {f for f in files if target[f] == base / Path(f).relative_to(folder)}  # no link on the way
+    listed = {target[f] for f in own}
+    return [f for f in files if f in own or target[f] not in listed]
 
 
 def _hidden(relative: str) -> bool:

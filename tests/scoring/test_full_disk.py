@@ -4,7 +4,7 @@ space is freed completes as if nothing had happened (a real tmpfs: the ``small_v
 import json
 
 import pytest
-from factories import make_model_dir, synthetic_tiles, write_scene
+from factories import make_model_dir, write_scene
 
 from geoclip.cli import main as cli_main
 from geoclip.config import params_from_dict
@@ -12,18 +12,6 @@ from geoclip.diskspace import NoSpaceError
 from geoclip.scoring.exactly_once import score_scene_once
 from geoclip.scoring.ledger import Ledger
 from geoclip.scoring.score import scene_output_bytes
-
-
-@pytest.fixture(scope="module")
-def pyfunc_model(tmp_path_factory):
-    """A tiny geoclip pyfunc saved to a local folder and loaded back."""
-    import mlflow
-
-    from geoclip.registry.pyfunc import save_pyfunc
-
-    root = tmp_path_factory.mktemp("pyfunc")
-    return mlflow.pyfunc.load_model(str(save_pyfunc(make_model_dir(root / "model"), synthetic_tiles(2), root / "pf")))
-
 
 PARAMS = params_from_dict({"score": {"probabilities": True, "batch_size": 64}})
 

@@ -12,7 +12,7 @@ import boto3
 import numpy as np
 import pytest
 import rasterio
-from factories import GEO, make_model_dir, register_champion, synthetic_tiles, write_scene
+from factories import GEO, register_champion, write_scene
 
 import geoclip.data.s3
 import geoclip.scoring.scene_io
@@ -433,17 +433,6 @@ def test_memory_follows_the_strip_not_the_scene(tmp_path):
     in_flight = 4 * (1 + len(CLASSES)) * 256 * 192
     assert peaks[4096] < 1.15 * peaks[1024] + in_flight, peaks
     assert peaks[4096] < 13 * 4096 * 192 * 2, peaks  # never the whole scene in memory
-
-
-@pytest.fixture(scope="module")
-def pyfunc_model(tmp_path_factory):
-    """A tiny geoclip pyfunc saved to a local folder and loaded back."""
-    import mlflow
-
-    from geoclip.registry.pyfunc import save_pyfunc
-
-    root = tmp_path_factory.mktemp("pyfunc")
-    return mlflow.pyfunc.load_model(str(save_pyfunc(make_model_dir(root / "model"), synthetic_tiles(2), root / "pf")))
 
 
 def test_s3_scene_read_through_vsis3_scores_like_the_local_file(tmp_path, s3_server, pyfunc_model, monkeypatch):
