@@ -147,7 +147,19 @@ def cmd_predict(args) -> None:
         configure(params)
     df = predict_tiles(args.tiles, args.model or params.score.model_uri, args.out, batch_size=args.batch_size,
                        classes=_class_list(args), read=read_options(params.score))
-    print(f"wrote {args.out} ({len(df)} tiles)")
+    print(f"wrote {args.out} ({len(df)} tiles{_novelty_note(df)})")
+
+
+def _novelty_note(df) -> str:
+    """How many predicted tiles are unlike anything trained (novelty >= 0.95), for the ``wrote`` line."""
+    from geoclip.scoring.score import NOVELTY_THRESHOLD
+
+    if "novelty" not in df or not len(df):
+        return ""
+    if df["novelty"].isna().all():
+        return "; novelty: not calibrated"
+    n = int((df["novelty"] >= NOVELTY_THRESHOLD).sum())
+    return f"; {n} with novelty >= {NOVELTY_THRESHOLD}: unlike anything the model was trained on"
 
 
 def cmd_search(args) -> None:

@@ -49,10 +49,15 @@ class ClassesConfig:
     names: list[str] = field(default_factory=lambda: list(EUROSAT_CLASSES))
     descriptions: dict[str, str] = field(default_factory=lambda: dict(EUROSAT_CLASS_DESCRIPTIONS))
     templates: list[str] = field(default_factory=lambda: ["a satellite image of {}."])
+    # More land-cover concepts the class encoder learns from, beyond ``names`` (labels.csv rows of these classes:
+    # synth paints them, geoclip.data.synth_concepts). They train the class side only: ``names`` stay the class
+    # list that evaluation and scoring use by default. Worded by ``descriptions``, else the synthetic catalogue's.
+    concepts: list[str] = field(default_factory=list)
 
-    def prompts(self, name: str) -> list[str]:
-        """All prompts for one class (one per template), used for prompt ensembling."""
-        desc = self.descriptions.get(name, name)
+    def prompts(self, name: str, wording: str = "") -> list[str]:
+        """All prompts for one class (one per template), used for prompt ensembling; ``wording``: the words for a
+        class ``descriptions`` does not name (a concept's)."""
+        desc = self.descriptions.get(name, wording or name)
         return [t.format(desc) for t in self.templates]
 
 
@@ -83,6 +88,7 @@ class SynthConfig:
 
     seed: int = 0
     tiles_per_class: int = 200
+    tiles_per_concept: int = 50  # tiles of each of classes.concepts (synthetic only)
     tile_size: int = 64
     n_scenes: int = 1
     scene_size: int = 2048
@@ -446,6 +452,10 @@ def _validate(p: Params, source: str) -> None:
         raise GeoclipError(f"train.loss: {p.train.loss!r}; expected 'clip' or 'siglip'")
     if p.train.holdout_class and p.train.holdout_class not in p.classes.names:
         raise GeoclipError(f"train.holdout_class: {p.train.holdout_class!r} is not in classes.names")
+    both = sorted(set(p.classes.concepts) & set(p.classes.names))
+    if both or len(set(p.classes.concepts)) != len(p.classes.concepts):
+        raise GeoclipError(f"classes.concepts: {both or 'repeated names'}; expected concepts distinct from each "
+                           "other and from classes.names (the default class list)")
     if p.fewshot.method not in ("linear_probe", "projection"):
         raise GeoclipError(f"fewshot.method: {p.fewshot.method!r}; expected 'linear_probe' or 'projection'")
     if p.score.task_runner not in ("thread", "dask"):

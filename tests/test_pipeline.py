@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def tiny_params(path: Path) -> None:
     """Shrink the repo's params.yaml so the whole pipeline runs in a minute or two on 2 cores."""
     params = yaml.safe_load(path.read_text())
-    params["synth"].update(tiles_per_class=12, scene_size=256)
+    params["synth"].update(tiles_per_class=12, tiles_per_concept=2, scene_size=256)
     params["train"].update(image_encoder="resnet10t", epochs=2, batch_size=32, embed_dim=32)
     params["prepare"].update(val_fraction=0.25, test_fraction=0.25)
     path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -9,6 +9,8 @@ tile with its own caption beside its class (``train.caption_weight``).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from geoclip.data.synth_textures import Composition
@@ -46,3 +48,21 @@ def caption(comp: Composition, rng: np.random.Generator) -> str:
     pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
     return pattern.format(shapes=join_words(shapes) if shapes else "ground cover",
                           cover=join_words(cover) if cover else "mixed cover")
+
+
+def caption_phrases(captions: list[str]) -> list[str]:
+    """The distinct shape and material phrases of captions ("a winding river", "water", "trees"), amounts dropped:
+    what a model trained on them has words for (kept with the model, to tell far class names from known ones)."""
+    amounts = sorted({a.split("{}")[0] for _, a in AMOUNTS} | {"a few "}, key=len, reverse=True)
+    frames = [part for pattern in PATTERNS for part in re.split(r"\{\w+\}", pattern) if part.strip(" ,.:")]
+    out: dict[str, None] = {}
+    for text in captions:
+        for part in frames:
+            text = text.replace(part.strip(), ",")
+        for phrase in re.split(r"[,:.]| and ", text):
+            phrase = phrase.strip()
+            for amount in amounts:
+                phrase = phrase.removeprefix(amount)
+            if phrase and phrase not in ("ground cover", "mixed cover"):
+                out[phrase] = None
+    return list(out)

@@ -114,7 +114,7 @@ def source_names(sources: list[str]) -> dict[str, str]:
 def _listed(src: str, raw: Path, params: Params, id_prefix: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One non-synthetic source's tiles (where they are) and labels (where they go), ids prefixed."""
     tiles, is_manifest = _list_source(src, raw, params.ingest.allow_outside_paths)
-    labels = _labels(tiles, src, is_manifest, list(params.classes.names))
+    labels = _labels(tiles, src, is_manifest, [*params.classes.names, *params.classes.concepts])
     labels["source_path"] = tiles["path"].to_numpy()  # provenance: where each tile was ingested from
     if id_prefix:
         labels["id"] = id_prefix + labels["id"]
@@ -253,7 +253,7 @@ def _labels(tiles: pd.DataFrame, where: str, is_manifest: bool, class_names: lis
     _check_rows(tiles, where, "class", lambda v: isinstance(v, str) and v.strip() != "", "a class name")
     bad = sorted(set(tiles["class"]) - set(class_names))
     if bad:
-        raise GeoclipError(f"{where}: unknown class(es) {bad}; expected names from classes.names {class_names} "
+        raise GeoclipError(f"{where}: unknown class(es) {bad}; expected names from classes.names or classes.concepts {class_names} "
                            f"(add new classes, with a description, to classes in params.yaml)")
     if "split" in tiles.columns:
         _check_rows(tiles, where, "split", lambda v: v in SPLITS, f"one of {', '.join(SPLITS)}")

@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class PreparedData:
     mean: list[float]
     std: list[float]
     source_band_names: list[str]  # the dataset's band order, which the served model takes as input
+    concept_names: list[str] = field(default_factory=list)  # labels from len(class_names) on: classes.concepts
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,19 @@ def assign_splits(df: pd.DataFrame, paths: list[Path], params: Params) -> str:
     return p.split
 
 
+def split_classes_only(df: pd.DataFrame, paths: list[Path], params: Params) -> str:
+    """:func:`assign_splits` over the tiles of ``classes.names`` (concept tiles, labels past them, are left out)."""
+    mine = (df["label"] < len(params.classes.names)).to_numpy()
+    if mine.all():
+        return assign_splits(df, paths, params)
+    part = df[mine].copy()
+    method = assign_splits(part, [p for p, m in zip(paths, mine) if m], params)
+    for column in ("split", "location"):
+        if column in part.columns:
+            df.loc[mine, column] = part[column]
+    return method
+
+
 def split_strata(df: pd.DataFrame) -> pd.Series:
     """What a stratified split balances: the class, and the source too when tiles come from several (so real
     tiles reach validation and test in their share, not by chance)."""
@@ -274,17 +288,20 @@ def prepare(params: Params) -> Path:
     df = read_labels(raw)
     if df["class"].isna().any():
         raise GeoclipError(f"{labels_path}: {int(df['class'].isna().sum())} row(s) without a class")
-    unknown = sorted(set(df["class"]) - set(params.classes.names))
+    vocabulary = [*params.classes.names, *params.classes.concepts]
+    unknown = sorted(set(df["class"]) - set(vocabulary))
     if unknown:
-        raise GeoclipError(f"{labels_path}: class(es) {unknown} not in classes.names")
+        raise GeoclipError(f"{labels_path}: class(es) {unknown} not in classes.names or classes.concepts")
     layout = band_layout(raw, params)
-    df["label"] = [params.classes.names.index(c) for c in df["class"]]
+    df["label"] = [vocabulary.index(c) for c in df["class"]]
     given = labelled_splits(df, labels_path)
     df = df.drop(columns="split", errors="ignore") if given is None else df.assign(split=given)
     # Sorted by id, so the packs do not depend on the row order of labels.csv.
     df = df.sort_values("id", kind="stable").reset_index(drop=True)
     paths = [Path(p) if Path(p).is_absolute() else raw / p for p in df["path"]]
-    method = "labels.csv" if given is not None else assign_splits(df, paths, params)
+    method = "labels.csv" if given is not None else split_classes_only(df, paths, params)
+    # Concept tiles teach the class side only: all train, so validation and test stay the default class list's.
+    df.loc[df["label"] >= len(params.classes.names), "split"] = "train"
     size = params.validate.expected_size
     read = functools.partial(read_selected, layout=layout, size=size)
     counts = check_class_counts(df, params)  # needs no pixels: fail before packing
@@ -306,7 +323,8 @@ def prepare(params: Params) -> Path:
         write_json(tmp / "stats.json", {
             "band_names": layout.selected, "source_band_names": layout.source_names,
             "band_source": Path(layout.source).name,
-            "class_names": list(params.classes.names), "mean": mean, "std": std, "split_method": method,
+            "class_names": list(params.classes.names), "concept_names": list(params.classes.concepts),
+            "mean": mean, "std": std, "split_method": method,
             "counts": {s: int((df["split"] == s).sum()) for s in SPLITS}})
     from geoclip.data.validate import publish_results  # validate imports this module
 
@@ -365,4 +383,4 @@ def load_split(prepared_dir: str | Path, split: str) -> PreparedData:
     stats = json.loads((prepared_dir / "stats.json").read_text())
     return PreparedData(np.load(path, mmap_mode="r"), np.load(prepared_dir / f"{split}_labels.npy"),
                         stats["class_names"], stats["band_names"], stats["mean"], stats["std"],
-                        stats.get("source_band_names", stats["band_names"]))
+                        stats.get("source_band_names", stats["band_names"]), stats.get("concept_names", []))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ LINEAR_CLASSES = ("Highway", "River")  # drawn across a scene's regions rather t
 TRUTH_NODATA = 255
 PIXEL_M = 10.0
 ROW_TILES = 400  # tiles per row of the layout grid that keeps every tile at its own place
+CONCEPT_SEED_BASE = 1 << 32  # concepts' seed keys start past any class index
 CAPTION_STREAM = 7  # the caption's random stream beside a tile's own ([seed, class, n]): wording never moves pixels
 
 
@@ -48,7 +51,8 @@ def _check(params: Params) -> list[str]:
         raise GeoclipError(f"classes.names: {bad} are not EuroSAT classes; synth can generate {list(EUROSAT_CLASSES)}")
     if not (32601 <= s.epsg <= 32660 or 32701 <= s.epsg <= 32760):
         raise GeoclipError(f"synth.epsg: {s.epsg} is not a WGS 84 / UTM zone (expected 32601-32660 or 32701-32760)")
-    for key, low in [("tiles_per_class", 1), ("tile_size", 16), ("n_scenes", 0), ("scene_size", 64)]:
+    for key, low in [("tiles_per_class", 1), ("tiles_per_concept", 0), ("tile_size", 16), ("n_scenes", 0),
+                     ("scene_size", 64)]:
         if getattr(s, key) < low:
             raise GeoclipError(f"synth.{key}: {getattr(s, key)} is too small (expected at least {low})")
     return names
@@ -74,19 +78,46 @@ def _tile_origin(index: int, size: int) -> tuple[float, float]:
     return 200_000.0 + (index % ROW_TILES) * step, 5_900_000.0 - (index // ROW_TILES) * step
 
 
-def _write_tiles(root: Path, names: list[str], params: Params, bar: tqdm, id_prefix: str = "") -> pd.DataFrame:
-    """Write ``tiles/<Class>/<id_prefix><Class>_<n>.tif`` for every class; return the labels table (with each
-    tile's caption: :mod:`geoclip.data.captions`)."""
+def synth_concepts(params: Params) -> list[str]:
+    """The ``classes.concepts`` synth paints (those of its catalogue); a name it cannot paint is an error when
+    synthetic tiles are the only source (with another source, that source brings its tiles)."""
+    from geoclip.data.synth_concepts import CONCEPTS
+
+    unknown = [c for c in params.classes.concepts if c not in CONCEPTS]
+    if unknown and params.ingest.sources() == ["synthetic"]:
+        raise GeoclipError(f"classes.concepts: {unknown} are not concepts synth can paint; expected names from "
+                           f"geoclip.data.synth_concepts.CONCEPTS ({', '.join(CONCEPTS)})")
+    return [c for c in params.classes.concepts if c in CONCEPTS]
+
+
+def _tile_jobs(names: list[str], concepts: list[str], params: Params) -> list[tuple[str, int, int, int, Callable]]:
+    """Per class then concept: (name, seed key, tiles, first layout index, surface painter)."""
+    from geoclip.data.synth_concepts import concept_surface
+
+    s = params.synth
+    # Seeds by EuroSAT index and by the concept's name: a tile does not depend on the class or concept list.
+    jobs = [(n, EUROSAT_CLASSES.index(n), s.tiles_per_class, EUROSAT_CLASSES.index(n) * s.tiles_per_class,
+             tx.surface) for n in names]
+    first = len(EUROSAT_CLASSES) * s.tiles_per_class
+    for k, name in enumerate(concepts):
+        key = CONCEPT_SEED_BASE + zlib.crc32(name.encode("utf-8"))
+        jobs.append((name, key, s.tiles_per_concept, first + k * s.tiles_per_concept, concept_surface))
+    return jobs
+
+
+def _write_tiles(root: Path, names: list[str], params: Params, bar: tqdm, id_prefix: str = "",
+                 concepts: list[str] = ()) -> pd.DataFrame:
+    """Write ``tiles/<Class>/<id_prefix><Class>_<n>.tif`` for every class and concept; return the labels table
+    (with each tile's caption: :mod:`geoclip.data.captions`)."""
     s, rows = params.synth, []
-    for name in names:
-        ci = EUROSAT_CLASSES.index(name)  # seeds by EuroSAT index: a tile does not depend on the class list
+    for name, ci, count, first, paint in _tile_jobs(names, list(concepts), params):
         (root / "tiles" / name).mkdir(parents=True, exist_ok=True)
-        comps = [tx.Composition() for _ in range(s.tiles_per_class)]
-        surfaces = np.stack([tx.surface(np.random.default_rng([s.seed, ci, n]), name, s.tile_size, s.tile_size, comp)
+        comps = [tx.Composition() for _ in range(count)]
+        surfaces = np.stack([paint(np.random.default_rng([s.seed, ci, n]), name, s.tile_size, s.tile_size, comp)
                              for n, comp in enumerate(comps, start=1)])
         data_all = tx.sensor(np.random.default_rng([s.seed, ci, 0]), surfaces)  # one batched call: much faster
         for n, data in enumerate(data_all, start=1):
-            x0, y0 = _tile_origin(ci * s.tiles_per_class + n - 1, s.tile_size)
+            x0, y0 = _tile_origin(first + n - 1, s.tile_size)
             tile_id = f"{id_prefix}{name}_{n}"
             rel = f"tiles/{name}/{tile_id}.tif"
             _write(root / rel, data, _profile(s.tile_size, len(ALL_BAND_NAMES), "uint16", s.epsg, x0, y0,
@@ -175,9 +206,11 @@ def write_synthetic(raw_tmp: Path, scenes_tmp: Path, params: Params, id_prefix: 
     (ingest writes them into temporary folders it swaps in whole).
     """
     names, s = _check(params), params.synth
+    concepts = synth_concepts(params)
     raw_tmp.chmod(0o755)  # a temp dir is private; the data folder it becomes should not be
-    with tqdm(total=len(names) * s.tiles_per_class, desc="synth tiles", unit="tile") as bar:
-        labels = _write_tiles(raw_tmp, names, params, bar, id_prefix)
+    total = len(names) * s.tiles_per_class + len(concepts) * s.tiles_per_concept
+    with tqdm(total=total, desc="synth tiles", unit="tile") as bar:
+        labels = _write_tiles(raw_tmp, names, params, bar, id_prefix, concepts)
     (scenes_tmp / "scenes").mkdir()
     (scenes_tmp / "truth").mkdir()
     scenes = []

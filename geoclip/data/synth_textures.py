@@ -461,10 +461,16 @@ def variation(rng: np.random.Generator, cls: str) -> np.ndarray:
 
 
 def fine_texture(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarray:
+    """Multiplicative sub-parcel texture ``(13, h, w)`` of class ``cls`` (its FINE_TEXTURE): see texture_field."""
+    return texture_field(rng, FINE_TEXTURE[cls], h, w)
+
+
+def texture_field(rng: np.random.Generator, texture: tuple[float, float, float], h: int, w: int) -> np.ndarray:
     """Multiplicative sub-parcel texture ``(13, h, w)``, mean about one: brightness (shadows, gaps, single trees,
     cars) and vegetation density (NIR up, visible and SWIR down), each a field a pixel or two across, and a
-    little spectral variation per group of bands (SPECTRAL_JITTER_SIZE pixels across)."""
-    bright, veg, amp = FINE_TEXTURE[cls]
+    little spectral variation per group of bands (SPECTRAL_JITTER_SIZE pixels across); ``texture`` gives their
+    log sds (brightness, vegetation, spectral jitter), as in FINE_TEXTURE."""
+    bright, veg, amp = texture
     u, v = ndimage.gaussian_filter(rng.standard_normal((2, h, w)).astype(np.float32), (0, FINE_SIGMA, FINE_SIGMA),
                                    truncate=3.0) * FINE_GAIN
     fields = np.concatenate([noise(rng, h, w, SPECTRAL_JITTER_SIZE, BAND_GROUP.max() + 1),
@@ -482,7 +488,14 @@ def surface(rng: np.random.Generator, cls: str, h: int, w: int, comp: Compositio
     ``comp``: filled with what was painted (:class:`Composition`), for captions.
     """
     img = GENERATORS[cls](rng, h, w, spectra(cls), Composition() if comp is None else comp)
-    img *= fine_texture(rng, cls, h, w)
+    return finish(rng, img, FINE_TEXTURE[cls], cls)
+
+
+def finish(rng: np.random.Generator, img: np.ndarray, texture: tuple[float, float, float], cls: str) -> np.ndarray:
+    """A painted surface ``img`` (13, h, w) made real: fine ``texture``, smooth atmospheric bands, and class
+    ``cls``'s whole-tile spectral variation (shared by the ten classes and synth_concepts' concepts)."""
+    h, w = img.shape[1:]
+    img *= texture_field(rng, texture, h, w)
     for b in ATMOSPHERIC:  # mostly smooth path radiance: the ground's contrast shows only weakly
         mean = img[b].mean()
         amp, size = ATMOS_FIELD[b]

@@ -392,6 +392,7 @@ def validate(params: Params) -> dict:
     parameters = {"band_count": len(band_names), "band_order": [",".join(band_names)],
                   "expected_size": v.expected_size, "min_value": v.min_value, "max_value": v.max_value,
                   "max_nodata_fraction": v.max_nodata_fraction, "class_names": list(params.classes.names),
+                  "vocabulary": [*params.classes.names, *params.classes.concepts],
                   "min_tiles_per_class": v.min_tiles_per_class}
     labels_file = str(raw / LABELS_FILE)
     suites = [run_suite(SUITES_DIR / "tiles.json", tiles, parameters, source=str(raw / "tiles")),

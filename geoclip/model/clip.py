@@ -72,6 +72,12 @@ class ModelConfig:
     # Also pool these stages (indices into the encoder's timm feature_info) beside its final pooled features:
     # earlier stages carry the texture a photograph-trained network knows best.
     feature_stages: list[int] = field(default_factory=list)
+    # Open-set calibration (geoclip.model.openset): the 0..100 % quantiles of validation tiles' cosine similarity to
+    # their own class (openset.calibrate, at the end of training), and the wordings of every class and concept trained
+    # on (class names, descriptions, caption phrases). Empty in models saved before: novelty is then "not calibrated",
+    # and far class prompts are judged against the trained prompts and descriptions.
+    open_set_quantiles: list[float] = field(default_factory=list)
+    learnt_texts: list[str] = field(default_factory=list)
 
 
 def create_image_encoder(cfg: ModelConfig) -> nn.Module:

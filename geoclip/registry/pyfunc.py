@@ -1,4 +1,4 @@
-"""MLflow pyfunc wrapper: raw uint16 tiles in, class probabilities and embeddings out.
+"""MLflow pyfunc wrapper: raw uint16 tiles in, class probabilities, embeddings and open-set scores out.
 
 A pyfunc (not ``mlflow.pytorch.log_model``): with mlflow 3.17.2 the pytorch flavour exported the
 model with torch.export and froze the batch size of the input example. The wrapper also carries
@@ -51,9 +51,10 @@ class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
         self.band_idx = band_indices(self.model.cfg.band_names, tuple(self.model.cfg.input_band_names))
         self.class_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
-    def class_embeddings(self, params: dict) -> torch.Tensor | None:
-        """Embeddings of the ``classes`` param's list (None: the trained classes), kept for the next call."""
-        from geoclip.model.vocab import class_embeddings, vocabulary
+    def _vocabulary(self, params: dict):
+        """The ``classes`` param's :class:`geoclip.model.vocab.Vocabulary` and its cache key (None: the trained
+        classes)."""
+        from geoclip.model.vocab import vocabulary
 
         names = list(params.get("classes") or [])
         descriptions = list(params.get("descriptions") or [])
@@ -61,27 +62,49 @@ class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
         if not names and (descriptions or templates):
             raise GeoclipError("params: descriptions and templates need a classes list to go with")
         if not names or (names == list(self.model.cfg.class_names) and not descriptions and not templates):
-            return None
+            return None, None
         if descriptions and len(descriptions) != len(names):
             raise GeoclipError(f"params: {len(descriptions)} descriptions for {len(names)} classes; give one per "
                                "class ('' keeps the name)")
+        wording = {n: d for n, d in zip(names, descriptions, strict=False) if d}
         key = (tuple(names), tuple(descriptions), tuple(templates))
+        return vocabulary(self.model.cfg, names, wording or None, templates or None), key
+
+    def class_embeddings(self, params: dict) -> torch.Tensor | None:
+        """Embeddings of the ``classes`` param's list (None: the trained classes), kept for the next call."""
+        from geoclip.model.vocab import class_embeddings
+
+        vocab, key = self._vocabulary(params)
+        if vocab is None:
+            return None
         if key not in self.class_cache:
             if len(self.class_cache) >= CLASS_CACHE_SIZE:
                 self.class_cache.pop(next(iter(self.class_cache)))
-            wording = {n: d for n, d in zip(names, descriptions, strict=False) if d}
-            vocab = vocabulary(self.model.cfg, names, wording or None, templates or None)
             self.class_cache[key] = class_embeddings(self.model, vocab)
         return self.class_cache[key]
 
+    def open_set_info(self, params: dict | None = None) -> dict:
+        """Whether novelty is calibrated, and the ``classes`` param's classes far from anything the model learnt
+        (never the trained list): ``{"calibrated", "far_classes": [{name, similarity, nearest, threshold}],
+        "warning"}`` (see geoclip.model.openset)."""
+        from geoclip.model.openset import far_report, far_warning
+
+        vocab, _ = self._vocabulary(params or {})
+        far = far_report(self.model, vocab, list((params or {}).get("templates") or [])) if vocab else []
+        return {"calibrated": len(self.model.cfg.open_set_quantiles) > 1,
+                "far_classes": [f._asdict() for f in far], "warning": far_warning(far)}
+
     def predict(self, context, model_input, params: dict | None = None) -> dict[str, np.ndarray]:
-        """Class probabilities ``(N, C)`` and unit embeddings ``(N, D)``, both float32, in bounded batches.
+        """Class probabilities ``(N, C)`` and unit embeddings ``(N, D)``, both float32, in bounded batches; beside them
+        each tile's cosine ``similarities`` ``(N, C)`` to the classes, the best (``max_similarity``, ``(N,)``) and its
+        calibrated ``novelty`` ``(N,)`` (0 familiar .. 1 unlike anything trained; NaN: the model is not calibrated).
 
         ``params["classes"]``: any list of class names (the probabilities' columns, in that order); empty or
         absent, the trained classes. ``params["descriptions"]`` (one per class, '' for none) and
         ``params["templates"]`` word them as ``params.yaml``'s ``classes`` section does.
         """
         from geoclip.model.clip import predict_batches
+        from geoclip.model.openset import similarity_outputs
 
         x = np.asarray(model_input)
         n_in = len(self.model.cfg.input_band_names)
@@ -93,7 +116,10 @@ class GeoclipPyfunc(mlflow.pyfunc.PythonModel):
         classes = self.class_embeddings(params or {})
         probs, embs = predict_batches(self.model, x, batch, self.device, band_idx=self.band_idx, tta=tta,
                                       classes=classes)
-        return {"probabilities": probs, "embeddings": embs}
+        with torch.no_grad():
+            units = (self.model.class_embeddings() if classes is None else classes).float().cpu().numpy()
+        quantiles = list(self.model.cfg.open_set_quantiles)
+        return {"probabilities": probs, "embeddings": embs, **similarity_outputs(embs, units, quantiles)}
 
 
 def _pinned(package: str) -> str:
@@ -127,7 +153,10 @@ def _pyfunc_kwargs(model_dir: str | Path, input_example: np.ndarray, tta: bool =
         inputs=Schema([TensorSpec(np.dtype(np.uint16), (-1, *expected))]),
         # Probabilities have one column per class: the trained ones, or the ``classes`` param's.
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1), name="probabilities"),
-                        TensorSpec(np.dtype(np.float32), (-1, cfg.embed_dim), name="embeddings")]),
+                        TensorSpec(np.dtype(np.float32), (-1, cfg.embed_dim), name="embeddings"),
+                        TensorSpec(np.dtype(np.float32), (-1, -1), name="similarities"),
+                        TensorSpec(np.dtype(np.float32), (-1,), name="max_similarity"),
+                        TensorSpec(np.dtype(np.float32), (-1,), name="novelty")]),
         params=ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH), ParamSpec("tta", "boolean", tta),
                             ParamSpec("classes", "string", [], (-1,)), ParamSpec("descriptions", "string", [], (-1,)),
                             ParamSpec("templates", "string", [], (-1,))]))
@@ -174,3 +203,12 @@ def model_metadata(model) -> dict:
     if "class_names" not in meta:
         raise GeoclipError("model: no class_names in its metadata; expected a model logged by geoclip.registry.pyfunc")
     return meta
+
+
+def served_open_set(model, params: dict | None = None) -> dict | None:
+    """A loaded pyfunc's :meth:`GeoclipPyfunc.open_set_info` for a class request (None: a model that predates it, or
+    not a geoclip pyfunc)."""
+    unwrap = getattr(model, "unwrap_python_model", None)
+    wrapper = unwrap() if callable(unwrap) else None
+    info = getattr(wrapper, "open_set_info", None)
+    return info(params or {}) if callable(info) else None

@@ -1,5 +1,5 @@
 """From window predictions to output rasters: blend overlapping windows per stride cell, stream the final rows
-into a class-map (and per-class probability) GeoTIFF in block-aligned strips, then copy them into COGs.
+into a class-map (and per-class probability, and novelty) GeoTIFF in block-aligned strips, then copy them into COGs.
 
 Only the cell rows that later windows can still touch are held, so memory follows the strip being read and
 the window batch, not the scene.
@@ -24,11 +24,13 @@ from tqdm import tqdm
 from geoclip.errors import GeoclipError
 from geoclip.scoring.scene_io import COG_BLOCK, AlignedWriter, gdal_path, scan_windows, to_cog
 
-# Probabilities (N, C) for a batch of windows, or a dict with "probabilities" and "embeddings" (N, D).
+# Probabilities (N, C) for a batch of windows, or a dict with "probabilities", "embeddings" (N, D), "novelty" (N,).
 PredictFn = Callable[[np.ndarray], np.ndarray | dict]
 EmbeddingSink = Callable[[list[tuple[int, int]], np.ndarray], None]
 NODATA_CLASS = 255
 PROB_SCALE = 254  # probability rasters: 0-254 = probability 0-1, so that 255 stays free for nodata
+NOVELTY_DESCRIPTION = ("novelty (open-set score): 0 = as close to a class prompt as validation tiles are to their "
+                       "own class, 1 = farther from every class than all of them; 0-254 = 0-1")
 
 
 # matplotlib's tab20 palette (tab10 is every other colour), written out so scoring needs no matplotlib.
@@ -48,6 +50,7 @@ class BlendedRows(NamedTuple):
     row: int  # first scene row
     classes: np.ndarray  # (n, width) uint8 class indices; NODATA_CLASS where the input is nodata
     probabilities: np.ndarray | None  # (classes, n, width) uint8, 0..PROB_SCALE; NODATA_CLASS likewise
+    novelty: np.ndarray | None = None  # (n, width) uint8 open-set score 0..PROB_SCALE (0 familiar); NODATA_CLASS likewise
 
 
 def _grow(acc: np.ndarray, hits: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,18 +120,20 @@ def _smooth_rows(acc: np.ndarray, hits: np.ndarray, c0: int, y0: int, y1: int, s
 
 def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: int, batch_size: int, nodata: int,
                probabilities: bool = False, embeddings: EmbeddingSink | None = None,
-               full_resolution: bool = False, strips: Iterable[tuple[int, np.ndarray]] | None = None
-               ) -> Iterator[BlendedRows]:
+               full_resolution: bool = False, strips: Iterable[tuple[int, np.ndarray]] | None = None,
+               novelty: bool = False) -> Iterator[BlendedRows]:
     """Average overlapping window probabilities on a grid of ``stride`` cells; yield final output rows top to bottom.
 
     ``full_resolution``: each pixel's probabilities are interpolated between the cell centres around it (smooth
     class boundaries at the input's resolution), else each cell is one class. Only the cell rows that later windows
     (or the interpolation) can still need are held: memory follows the strip, not the scene. ``embeddings``
     receives each batch's window positions and embeddings (``predict_fn`` must return them). ``strips``: the scene's
-    strips being read elsewhere (see geoclip.scoring.scene_io.scan_windows).
+    strips being read elsewhere (see geoclip.scoring.scene_io.scan_windows). ``novelty``: also blend each window's
+    open-set score (``predict_fn`` must return ``novelty`` (N,) in [0, 1]) the same way, into ``BlendedRows.novelty``.
     """
     gw, gh = math.ceil(src.width / stride), math.ceil(src.height / stride)
     acc, hits = np.zeros((n_classes, 0, gw), np.float32), np.zeros((0, gw), np.int32)
+    acc_n = np.zeros((1, 0, gw), np.float32)  # novelty sums per cell (only with ``novelty``)
     c0 = done = 0  # first cell row held; first scene row not yet yielded
     valid = np.zeros((0, src.width), bool)  # rows [done, settled): settled but not yet yielded
     with tqdm(total=src.height, desc=f"score {Path(src.name).name}", unit="row") as bar:
@@ -142,11 +147,15 @@ def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: 
                     embeddings(batch.where, np.asarray(out["embeddings"]))
                 if probs.shape != (len(batch.where), n_classes):
                     raise GeoclipError(f"model output: shape {probs.shape}, expected ({len(batch.where)}, {n_classes})")
-                acc, hits = _grow(acc, hits, -(-(batch.where[-1][0] + window) // stride) - c0)  # rows come in order
-                for (y0, x0), p in zip(batch.where, probs):
+                scores = _novelty(out, len(batch.where)) if novelty else np.zeros(len(batch.where), np.float32)
+                rows_now = -(-(batch.where[-1][0] + window) // stride) - c0  # rows come in order
+                acc_n = _grow(acc_n, hits, rows_now)[0]
+                acc, hits = _grow(acc, hits, rows_now)
+                for (y0, x0), p, v in zip(batch.where, probs, scores):
                     r0, r1 = y0 // stride - c0, -(-(y0 + window) // stride) - c0
                     q0, q1 = x0 // stride, -(-(x0 + window) // stride)
                     acc[:, r0:r1, q0:q1] += p[:, None, None]
+                    acc_n[0, r0:r1, q0:q1] += v
                     hits[r0:r1, q0:q1] += 1
             valid = np.concatenate([valid, batch.valid])
             last = batch.settled >= src.height
@@ -155,20 +164,37 @@ def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: 
             end = batch.settled if last or not full_resolution else batch.settled - stride // 2
             if end <= done:
                 continue
+            acc_n = _grow(acc_n, hits, (gh if last else -(-batch.settled // stride)) - c0)[0]
             acc, hits = _grow(acc, hits, (gh if last else -(-batch.settled // stride)) - c0)
             n = end - done
+            nov = None
             if full_resolution:
                 classes, scaled = _smooth_rows(acc, hits, c0, done, end, stride, gh, valid[:n], probabilities)
+                if novelty:
+                    nov = _smooth_rows(acc_n, hits, c0, done, end, stride, gh, valid[:n], True)[1][0]
                 keep = max(0, math.floor((end + 0.5) / stride - 0.5))  # the first cell row the next rows need
             else:
                 c1 = -(-end // stride) - c0
                 classes, scaled = _cells_to_rows(acc[:, :c1], hits[:c1], valid[:n], stride, probabilities)
+                if novelty:
+                    nov = _cells_to_rows(acc_n[:, :c1], hits[:c1], valid[:n], stride, True)[1][0]
                 keep = c0 + c1
-            yield BlendedRows(done, classes, scaled)
-            acc, hits, c0 = acc[:, keep - c0:], hits[keep - c0:], keep
+            yield BlendedRows(done, classes, scaled, nov)
+            acc, acc_n, hits, c0 = acc[:, keep - c0:], acc_n[:, keep - c0:], hits[keep - c0:], keep
             valid = valid[n:]
             bar.update(n)
             done = end
+
+
+def _novelty(out, n: int) -> np.ndarray:
+    """The ``novelty`` (N,) of a batch's model output, checked: finite, in [0, 1]."""
+    if not isinstance(out, dict) or "novelty" not in out:
+        raise GeoclipError("model output: no novelty to write (the model predates open-set scores)")
+    scores = np.asarray(out["novelty"], np.float32)
+    if scores.shape != (n,) or not np.isfinite(scores).all():
+        raise GeoclipError(f"model output: novelty of shape {scores.shape}, expected ({n},) finite values (a model "
+                           "without open-set calibration gives NaN)")
+    return np.clip(scores, 0.0, 1.0)
 
 
 def _temp_beside(out: Path) -> Path:
@@ -181,7 +207,7 @@ def _temp_beside(out: Path) -> Path:
 def write_outputs(rows: Iterator[BlendedRows], src, outs: dict[str, Path], class_names: list[str], tags: dict,
                   truth: str | None, row_area: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Stream blended rows into plain tiled GeoTIFFs, then copy them into COGs at ``outs`` (class map,
-    probabilities); return class pixel counts, class areas (m², from ``row_area``: one pixel's area in each row;
+    probabilities, novelty); return class pixel counts, class areas (m², from ``row_area``: one pixel's area in each row;
     default 1), pixels agreeing with the truth map, and pixels judged."""
     h, w = src.height, src.width
     base = {"driver": "GTiff", "dtype": "uint8", "width": w, "height": h, "crs": src.crs, "transform": src.transform,
@@ -203,6 +229,8 @@ def write_outputs(rows: Iterator[BlendedRows], src, outs: dict[str, Path], class
                 writers["classmap"].write(part.classes[None])
                 if "probabilities" in writers:
                     writers["probabilities"].write(part.probabilities)
+                if "novelty" in writers:
+                    writers["novelty"].write(part.novelty[None])
                 counts += np.bincount(part.classes.ravel(), minlength=256)
                 n = part.classes.shape[0]
                 areas += np.bincount(part.classes.ravel(), np.repeat(row_area[part.row:part.row + n], w), 256)
@@ -218,6 +246,8 @@ def write_outputs(rows: Iterator[BlendedRows], src, outs: dict[str, Path], class
         to_cog(plains["classmap"], outs["classmap"], "MODE")
         if "probabilities" in outs:
             to_cog(plains["probabilities"], outs["probabilities"], "AVERAGE")
+        if "novelty" in outs:
+            to_cog(plains["novelty"], outs["novelty"], "AVERAGE")
     finally:
         for p in plains.values():
             p.unlink(missing_ok=True)
@@ -239,3 +269,8 @@ def _describe(dsts: dict, class_names: list[str], tags: dict) -> None:
             pr.set_band_description(i + 1, name)
         pr.scales = [1 / PROB_SCALE] * len(class_names)  # GDAL-aware readers get probabilities 0-1 back
         pr.update_tags(class_names=json.dumps(class_names), probability_scale=str(PROB_SCALE), **tags)
+    if "novelty" in dsts:
+        nv = dsts["novelty"]
+        nv.set_band_description(1, NOVELTY_DESCRIPTION)
+        nv.scales = [1 / PROB_SCALE]  # GDAL-aware readers get novelty 0-1 back
+        nv.update_tags(class_names=json.dumps(class_names), novelty_scale=str(PROB_SCALE), **tags)

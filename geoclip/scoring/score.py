@@ -44,7 +44,8 @@ from geoclip.scoring.scene_io import gdal_path, scene_env, scene_envs, strip_row
 SCENE_DTYPE = "uint16"  # what every input is read as: EuroSAT-like digital numbers (the scenes suite's dtype rule)
 SUMMARY_FILE = "summary.json"
 # Per-scene outputs; the summary names the others (and goes last).
-OUTPUT_KEYS = ("classmap", "probabilities", "quicklook", "embeddings", "summary")
+OUTPUT_KEYS = ("classmap", "probabilities", "novelty", "quicklook", "embeddings", "summary")
+NOVELTY_THRESHOLD = 0.95  # the summary's unfamiliar share: scored area whose novelty is at least this (openset's)
 
 
 def row_areas_m2(src, scene: Path | str) -> np.ndarray:
@@ -121,12 +122,12 @@ def _find_truth(scene: Path | str, truth: Path | str | None) -> str | None:
 
 
 def scene_output_bytes(height: int, width: int, n_classes: int, window: int, stride: int, probabilities: bool,
-                       embeddings: bool, embed_dim: int) -> tuple[int, int]:
+                       embeddings: bool, embed_dim: int, novelty: bool = False) -> tuple[int, int]:
     """Bytes a scene's outputs take: (an estimate of the peak, uncompressed: each COG beside the plain GeoTIFF it is
     copied from and GDAL's overview file, float32 embeddings, the quick-look; the least they can take at the best
-    compression seen: class maps and probabilities 64:1, embeddings 2:1, a smooth quick-look)."""
+    compression seen: class maps, probabilities and novelty 64:1, embeddings 2:1, a smooth quick-look)."""
     pixels = height * width
-    rasters = pixels * (1 + (n_classes if probabilities else 0))
+    rasters = pixels * (1 + (n_classes if probabilities else 0) + (1 if novelty else 0))
     windows = ((height - window) // stride + 1) * ((width - window) // stride + 1)
     vectors = windows * (4 * embed_dim + 100) if embeddings else 0  # + footprint and row id, per window
     scale = max(1, -(-max(height, width) // QUICKLOOK_SIZE))
@@ -141,7 +142,7 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
                 quicklook: bool = True, truth: Path | str | None = None, probabilities: bool = False,
                 embeddings: bool = False, read: ReadOptions | None = None, model_level: str = "",
                 level_mismatch: str = "warn", full_resolution: bool = True, read_workers: int = 0,
-                embed_dim: int = 0, output_stem: str | None = None) -> dict:
+                embed_dim: int = 0, output_stem: str | None = None, open_set: dict | None = None) -> dict:
     """Score one local or ``s3://`` input of any form (stacked raster, per-band folder, SAFE, STAC Item; see
     geoclip.data.products) read in the model's ``bands``: class map COG with its colour table, optional per-class
     probability COG, per-class areas, if a truth map exists pixel accuracy and, with ``embeddings``, each window's
@@ -151,7 +152,13 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
     (geoclip.scoring.pipeline); the outputs are the bytes a sequential run writes. A volume that clearly cannot
     hold the outputs (:func:`scene_output_bytes`) is refused before the first window; one that fills up meanwhile
     is a :class:`geoclip.diskspace.NoSpaceError` (``embed_dim``: for the estimate only). Outputs are named
-    ``{output_stem}_classmap.tif`` ... (default: the input's stem; see :func:`scene_keys`)."""
+    ``{output_stem}_classmap.tif`` ... (default: the input's stem; see :func:`scene_keys`).
+
+    ``open_set``: the served model's open-set report (geoclip.registry.pyfunc.served_open_set). Calibrated,
+    ``predict_fn`` returns each window's ``novelty`` too: blended like the probabilities into
+    ``{stem}_novelty.tif`` (uint8 0-254 = novelty 0-1, 255 nodata; the summary's ``novelty``) and summarised in its
+    ``open_set`` (share of scored area at or above :data:`NOVELTY_THRESHOLD`, far classes); the far-class warning joins
+    the scene's warnings."""
     out_dir, stem = Path(out_dir), output_stem or input_stem(str(scene))
     read = replace(read or ReadOptions(), nodata=nodata)
     if stride <= 0 or stride > window or window % stride:
@@ -165,18 +172,24 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
     with envs(), _open_scene(scene, bands, window, read) as src, contextlib.ExitStack() as guard:
         row_area = row_areas_m2(src, scene)  # fail before the long part
         what = f"the outputs of {scene_name or scene}"
+        novelty = bool(open_set and open_set.get("calibrated"))
         need, least = scene_output_bytes(src.height, src.width, len(class_names), window, stride, probabilities,
-                                         embeddings, embed_dim)
+                                         embeddings, embed_dim, novelty)
         require_free(out_dir, what, need, least)  # refuse now only what clearly cannot fit; nearer the edge, a volume
         # that fills up mid-scene is still said in one line
         guard.enter_context(writing(out_dir, what, need))
         warnings_ = level_warnings(src, model_level, level_mismatch)
+        if open_set and open_set.get("warning"):
+            warnings_.append(open_set["warning"])
         for text in warnings_:
             print(f"warning: {text}", file=sys.stderr)
         out_dir.mkdir(parents=True, exist_ok=True)
         outs = {"classmap": out_dir / f"{stem}_classmap.tif"}
         if probabilities:
             outs["probabilities"] = out_dir / f"{stem}_probabilities.tif"
+        if novelty:
+            outs["novelty"] = out_dir / f"{stem}_novelty.tif"
+        tally = NoveltyTally(row_area)
         writer: list[EmbeddingWriter] = []  # made at the first batch, when the embedding width is known
 
         def sink(where: list[tuple[int, int]], emb: np.ndarray) -> None:
@@ -191,11 +204,11 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
         if colour is not None:
             strips = tapped(strips, colour.add)
         rows = in_background(blend_rows(predict_fn, src, len(class_names), window, stride, batch_size, nodata,
-                                        probabilities, sink if embeddings else None, full_resolution, strips))
+                                        probabilities, sink if embeddings else None, full_resolution, strips, novelty))
         try:
             with contextlib.closing(rows):  # inference runs ahead of the writing here, a bounded queue apart
                 counts, areas, correct, judged = write_outputs(
-                    rows, src, outs, list(class_names), {"model_uri": str(model_uri), "scene": scene_name or str(scene)},
+                    tally.rows(rows) if novelty else rows, src, outs, list(class_names), {"model_uri": str(model_uri), "scene": scene_name or str(scene)},
                     truth, row_area)
         except BaseException:
             for part in writer:
@@ -218,6 +231,10 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
         "area_km2": float(areas[:NODATA_CLASS].sum()) / 1e6, "warnings": warnings_,
         "seconds": round(seconds, 3), "megapixels_per_s": round(h * w / 1e6 / max(seconds, 1e-9), 3),
     }
+    if open_set is not None:  # the raster is summary["novelty"], like the other outputs; its figures go here
+        summary["open_set"] = ({"calibrated": True, **tally.figures()} if novelty
+                               else {"calibrated": False, "note": _not_calibrated()})
+        summary["open_set"]["far_classes"] = list(open_set.get("far_classes") or [])
     if truth is not None:
         summary |= {"truth": truth, "truth_pixels": judged, "accuracy": correct / judged if judged else None}
     with writing(out_dir, what, need):
@@ -228,6 +245,42 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
         write_json(summary["summary"], summary)
     return summary
 
+
+
+class NoveltyTally:
+    """Area-weighted novelty figures of a scene's blended rows, counted as they pass to the writer."""
+
+    def __init__(self, row_area: np.ndarray):
+        self.row_area = np.asarray(row_area, np.float64)
+        self.scored = self.unfamiliar = self.weighted = 0.0
+
+    def rows(self, rows):
+        """Pass ``rows`` (BlendedRows) through, counting their novelty."""
+        for part in rows:
+            self.add(part.row, part.novelty)
+            yield part
+
+    def add(self, row: int, novelty: np.ndarray) -> None:
+        """Count one block of novelty rows (uint8 0..PROB_SCALE, NODATA_CLASS where not scored) from scene ``row``."""
+        area = np.broadcast_to(self.row_area[row:row + novelty.shape[0], None], novelty.shape)
+        scored = novelty != NODATA_CLASS
+        value = novelty.astype(np.float64) / PROB_SCALE
+        self.scored += float(area[scored].sum())
+        self.unfamiliar += float(area[scored & (value >= NOVELTY_THRESHOLD - 0.5 / PROB_SCALE)].sum())
+        self.weighted += float((area * value)[scored].sum())
+
+    def figures(self) -> dict:
+        """The summary's novelty figures: threshold, unfamiliar share and area, mean novelty (None: nothing scored)."""
+        share = self.unfamiliar / self.scored if self.scored else None
+        return {"threshold": NOVELTY_THRESHOLD, "unfamiliar_share": share, "unfamiliar_km2": self.unfamiliar / 1e6,
+                "scored_km2": self.scored / 1e6, "mean": self.weighted / self.scored if self.scored else None}
+
+
+def _not_calibrated() -> str:
+    """Why a scene has no novelty raster (geoclip.model.openset.NOT_CALIBRATED, imported only when needed)."""
+    from geoclip.model.openset import NOT_CALIBRATED
+
+    return NOT_CALIBRATED
 
 
 def list_scenes(source: str | Path, allow_outside: bool = False) -> list[str]:
@@ -378,12 +431,14 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
     passes the scenes suite, unless ``checked`` says it already did. S3 outputs are written to a temporary
     folder, then uploaded, the summary last, each upload inside ``publishing()`` (the exactly-once fence).
     """
-    from geoclip.registry.pyfunc import model_metadata
+    from geoclip.registry.pyfunc import model_metadata, served_open_set
     from geoclip.scoring.predict import check_class_columns
 
     meta = model_metadata(model)
     cfg = params.score
     classes = class_request(cfg)
+    open_set = served_open_set(model, classes)  # None: a model that predates open-set scores
+    novelty = bool(open_set and open_set.get("calibrated"))
 
     def predict_fn(x: np.ndarray) -> np.ndarray:
         progress()  # a batch was read: the exactly-once claim may be renewed
@@ -393,7 +448,10 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
         probs = out["probabilities"]
         if classes:
             probs = check_class_columns(np.asarray(probs), classes["classes"], str(model_uri))
-        return {"probabilities": probs, "embeddings": out["embeddings"]} if cfg.embeddings else probs
+        if not cfg.embeddings and not novelty:
+            return probs
+        return ({"probabilities": probs} | ({"embeddings": out["embeddings"]} if cfg.embeddings else {})
+                | ({"novelty": out["novelty"]} if novelty else {}))
 
     kwargs = {"class_names": classes["classes"] if classes else meta["class_names"], "window": cfg.window,
               "stride": cfg.stride, "batch_size": cfg.batch_size, "nodata": cfg.nodata,
@@ -402,7 +460,7 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
               "read": read_options(cfg), "model_level": meta.get("processing_level") or "",
               "level_mismatch": cfg.level_mismatch, "full_resolution": cfg.full_resolution,
               "read_workers": cfg.read_workers, "embed_dim": int(meta.get("embed_dim") or 0),
-              "output_stem": output_stem}
+              "output_stem": output_stem, "open_set": open_set}
     if not checked:
         check_scenes(params, [scene_uri], kwargs["bands"])
     if not s3.is_s3(out_uri):
@@ -417,6 +475,17 @@ def score_one(params: Params, model, scene_uri: str, out_uri: str, model_uri: st
             with publishing():  # each upload fenced: nothing goes up once the scene's claim was taken over
                 s3.upload(local[key], summary[key])
     return summary
+
+
+def _overall_novelty(results: list[dict]) -> dict | None:
+    """The unfamiliar share over every scene with a novelty raster (None: none has one)."""
+    figures = [r["open_set"] for r in results if (r.get("open_set") or {}).get("calibrated")]
+    if not figures:
+        return None
+    scored = sum(f.get("scored_km2") or 0.0 for f in figures)
+    unfamiliar = sum(f.get("unfamiliar_km2") or 0.0 for f in figures)
+    return {"threshold": NOVELTY_THRESHOLD, "scenes": len(figures), "unfamiliar_km2": unfamiliar,
+            "unfamiliar_share": unfamiliar / scored if scored else None}
 
 
 def write_summary(results: list[dict], out_uri: str, model_uri: str | None = None) -> str:
@@ -434,7 +503,7 @@ def write_summary(results: list[dict], out_uri: str, model_uri: str | None = Non
            "n_skipped": sum(r.get("status") == "skipped" for r in results),
            "classes": total, "nodata_pixels": sum(r["nodata_pixels"] for r in results),
            "area_km2": sum(r["area_km2"] for r in results), "accuracy": correct / judged if judged else None,
-           "per_scene": results}
+           "open_set": _overall_novelty(results), "per_scene": results}
     if s3.is_s3(out_uri):
         target = s3.join(out_uri, SUMMARY_FILE)
         with tempfile.TemporaryDirectory(prefix="geoclip-summary-") as tmp:

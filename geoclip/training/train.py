@@ -14,7 +14,7 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from geoclip.config import Params
+from geoclip.data.captions import caption_phrases
 from geoclip.data.prepare import PreparedData, load_split, split_captions, split_origins
 from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
@@ -47,10 +48,13 @@ from geoclip.training.checkpoint import (
 from geoclip.training.distributed import all_gather, broadcast, init_distributed
 from geoclip.training.evaluate import predict_probs
 from geoclip.training.feature_cache import N_VIEWS, cached_features
+from geoclip.training.leave_out import scrub_captions
 from geoclip.training.step import EmbeddingStep, lr_schedule, make_optimizer, training_step
 from geoclip.training.train_data import (
     TrainTiles,
+    concept_wording,
     fits_on_device,
+    held_out,
     kept_rows,
     loader_workers,
     mixed_batches,
@@ -139,10 +143,14 @@ def model_config(params: Params, data: PreparedData, prior: str = "") -> ModelCo
     if not timm.is_model(name):
         raise GeoclipError(f"train.image_encoder: unknown timm model {name!r}; expected a name from "
                            "timm.list_models(), e.g. 'resnet18'")
-    if list(data.band_names) != list(params.bands) or list(data.class_names) != list(params.classes.names):
-        raise GeoclipError(f"{params.paths.prepared}/stats.json: bands/classes differ from params.yaml "
-                           f"({data.band_names}, {data.class_names}); rerun `geoclip prepare`")
-    names = params.classes.names
+    if (list(data.band_names) != list(params.bands) or list(data.class_names) != list(params.classes.names)
+            or list(data.concept_names) != list(params.classes.concepts)):
+        raise GeoclipError(f"{params.paths.prepared}/stats.json: bands/classes/concepts differ from params.yaml "
+                           f"({data.band_names}, {data.class_names}, {data.concept_names}); rerun `geoclip prepare`")
+    # Training contrasts the concepts too (their prompts follow the classes'); the saved model keeps the classes.
+    names = [*params.classes.names, *data.concept_names]
+    prompts = [params.classes.prompts(c) for c in params.classes.names]
+    prompts += [params.classes.prompts(c, concept_wording(params, c)) for c in data.concept_names]
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     extra = {"loss": params.train.loss, "encoder_args": dict(params.train.encoder_args),
              "text_finetune": params.train.text_finetune, "spectral_stats": params.train.spectral_stats,
@@ -157,7 +165,7 @@ def model_config(params: Params, data: PreparedData, prior: str = "") -> ModelCo
         extra["spectral_stats"] = True  # the only way in for the bands the prior does not read, when it is frozen
     extra |= {"pretrained": prior, "input_size": input_size, "feature_stages": stages}
     return ModelConfig(image_encoder=name, embed_dim=params.train.embed_dim, band_names=list(params.bands),
-                       class_names=list(names), prompts=[params.classes.prompts(c) for c in names],
+                       class_names=list(names), prompts=prompts,
                        band_mean=mean, band_std=std, tile_size=data.images.shape[-1],
                        init_temperature=params.train.init_temperature,
                        input_band_names=list(data.source_band_names),
@@ -346,7 +354,8 @@ def _val_top1(run: _Run) -> float:
         probs = _val_probs_from_cache(run)
     else:
         probs = predict_probs(run.model, run.val_x, run.params.evaluate.batch_size, run.device)
-    pred = np.asarray(run.classes)[probs[:, run.classes].argmax(axis=1)]
+    among = [c for c in run.classes if c < len(run.params.classes.names)]  # concepts are not answers
+    pred = np.asarray(among)[probs[:, among].argmax(axis=1)]
     return float((pred == run.val_y).mean())
 
 
@@ -399,6 +408,46 @@ def _run_epochs(run: _Run, prog: _Progress) -> None:
             _save(run, prog)
     prog.finished = True
     _save(run, prog)  # a resume after this point only re-saves the best model
+
+
+def default_classes_only(model: GeoCLIP, n: int) -> GeoCLIP:
+    """The model with only its first ``n`` classes (``classes.names``): the concepts it trained on are dropped from
+    its class list, so prediction and scoring answer among the default classes unless asked otherwise."""
+    if len(model.cfg.class_names) == n:
+        return model
+    cfg = replace(model.cfg, class_names=model.cfg.class_names[:n], prompts=model.cfg.prompts[:n])
+    with torch.no_grad():
+        features = model.prompt_text_features()[:n].detach().float().cpu()
+    out = GeoCLIP(cfg, features, text_encoder=model.text_encoder)
+    state = {k: v for k, v in model.state_dict().items() if k != "prompt_features"}
+    out.load_state_dict(state, strict=False)
+    return out.to(next(model.parameters()).device).eval()
+
+
+def learnt_texts(run: _Run) -> list[str]:
+    """What the class side learnt from: the trained classes' and concepts' wordings and the captions' phrases."""
+    params, cfg = run.params, run.model.cfg
+    texts = [cfg.prompts[c][0] for c in run.classes]
+    if run.caption_features is not None:
+        captions = split_captions(params.paths.prepared, "train")
+        texts += caption_phrases(scrub_captions(captions, held_out(params)))
+    return list(dict.fromkeys(texts))
+
+
+def served_model(run: _Run) -> GeoCLIP:
+    """The best model as saved: the default classes only, what it learnt and its open-set calibration recorded."""
+    model = default_classes_only(run.model, len(run.params.classes.names))
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    extra = {}
+    if "learnt_texts" in known:
+        extra["learnt_texts"] = learnt_texts(run)
+    if "open_set_quantiles" in known and len(run.val_y):
+        from geoclip.model.openset import calibrate
+
+        extra["open_set_quantiles"] = calibrate(model, run.val_x, run.val_y, run.params.evaluate.batch_size,
+                                                run.device)
+    model.cfg = replace(model.cfg, **extra)
+    return model
 
 
 def _check_data(params: Params, train_data: PreparedData, val_data: PreparedData, classes: list[int]) -> None:
@@ -459,6 +508,8 @@ def _captions(params: Params, rows: np.ndarray, device: torch.device
     if params.train.caption_weight <= 0:
         return None, None
     captions = split_captions(params.paths.prepared, "train")
+    if captions is not None:  # a caption naming the held-out class would teach it under another name
+        captions = np.array(scrub_captions(captions, held_out(params)), dtype=object)
     distinct = sorted({c for c in captions[rows] if c}) if captions is not None else []
     if not distinct:
         tqdm.write(f"note: train.caption_weight {params.train.caption_weight}: no training tile has a caption "
@@ -497,7 +548,7 @@ def train(params: Params, resume: bool = False, open_log: OpenRunLog = no_run_lo
     origins = split_origins(params.paths.prepared, "train")
     has_real = origins is not None and bool((origins == "real").any())
     mcfg = model_config(params, train_data, chosen_prior(params, has_real))
-    classes = training_classes(params)
+    classes = training_classes(params, train_data.concept_names)
     _check_data(params, train_data, val_data, classes)
     rank, world, device = init_distributed()
     try:
@@ -571,7 +622,7 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
             return {"run_id": None, "best_val_top1": None, "best_epoch": None, "epochs": len(prog.history),
                     "stopped_early": prog.stopped_early, "resumed_from_step": resumed_from}
         model.load_state_dict(prog.best_state)
-        save_model(model, params.paths.model)
+        save_model(served_model(run), params.paths.model)
         write_history(Path(params.paths.model), prog.history)
         log.log_metrics({"best_epoch": prog.best_epoch, "stopped_early": float(prog.stopped_early)})
         return {"run_id": log.run_id, "best_val_top1": prog.best, "best_epoch": prog.best_epoch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,14 +12,32 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from geoclip.config import Params
+from geoclip.training.leave_out import held_out_words, kept_concepts
 
 DEVICE_SHARE = 0.5  # keep tiles on the device only when they take under half its free memory
 
 
-def training_classes(params: Params) -> list[int]:
-    """Indices (into ``classes.names``) of the classes training sees: all but ``train.holdout_class``."""
-    names = params.classes.names
-    return [i for i, name in enumerate(names) if name != params.train.holdout_class]
+def held_out(params: Params) -> tuple[str, ...]:
+    """The phrases that name ``train.holdout_class`` (none without one): :mod:`geoclip.training.leave_out`."""
+    holdout = params.train.holdout_class
+    return held_out_words(holdout, params.classes.descriptions.get(holdout, "")) if holdout else ()
+
+
+def concept_wording(params: Params, name: str) -> str:
+    """How a concept is worded in its prompts: ``classes.descriptions``, else the synthetic catalogue's words."""
+    from geoclip.data.synth_concepts import CONCEPTS
+
+    fallback = CONCEPTS[name].wording if name in CONCEPTS else re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower()
+    return params.classes.descriptions.get(name, fallback)
+
+
+def training_classes(params: Params, concepts: list[str] | tuple[str, ...] = ()) -> list[int]:
+    """Indices (into ``classes.names`` followed by ``concepts``) of what training contrasts: every class but
+    ``train.holdout_class``, and every concept but those whose name or wording names the held-out class."""
+    names, words = params.classes.names, held_out(params)
+    kept = set(kept_concepts({c: concept_wording(params, c) for c in concepts}, words))
+    return ([i for i, name in enumerate(names) if name != params.train.holdout_class]
+            + [len(names) + k for k, c in enumerate(concepts) if c in kept])
 
 
 def kept_rows(labels: np.ndarray, classes: list[int]) -> np.ndarray:

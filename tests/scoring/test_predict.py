@@ -20,6 +20,7 @@ from geoclip.registry.pyfunc import save_pyfunc
 from geoclip.scoring.predict import predict_tiles
 
 PROB_COLUMNS = [f"prob_{c}" for c in EUROSAT_CLASSES]
+SIM_COLUMNS = [f"sim_{c}" for c in EUROSAT_CLASSES]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,10 @@ def test_real_eurosat_tiles(tmp_path, model_uri, real_tiles):
     out = tmp_path / "preds.csv"
     df = predict_tiles(real_tiles, model_uri, out, batch_size=16)
     assert len(df) == 100
-    assert list(df.columns) == ["id", "path", "predicted", "confidence", *PROB_COLUMNS, "class"]
+    assert list(df.columns) == ["id", "path", "predicted", "confidence", *PROB_COLUMNS, "max_similarity", "novelty",
+                                *SIM_COLUMNS, "class"]
+    np.testing.assert_allclose(df["max_similarity"], df[SIM_COLUMNS].max(axis=1), atol=1e-6)
+    assert df["novelty"].isna().all()  # this model was saved without open-set calibration
     assert (df["class"] == [Path(p).parent.name for p in df["path"]]).all()
     assert set(df["predicted"]) <= set(EUROSAT_CLASSES)
     np.testing.assert_allclose(df[PROB_COLUMNS].sum(axis=1), 1.0, rtol=1e-5)
@@ -93,7 +97,8 @@ def test_any_class_list_names_the_columns_and_a_bad_one_writes_nothing(tmp_path,
     out = tmp_path / "preds.csv"
     df = predict_tiles(tmp_path / "tiles", model_uri, out, batch_size=2,
                        classes=served_params(["lake", "forêt", "Forest"]))
-    assert list(df.columns) == ["id", "path", "predicted", "confidence", "prob_lake", "prob_forêt", "prob_Forest"]
+    assert list(df.columns) == ["id", "path", "predicted", "confidence", "prob_lake", "prob_forêt", "prob_Forest",
+                                "max_similarity", "novelty", "sim_lake", "sim_forêt", "sim_Forest"]
     assert set(df["predicted"]) <= {"lake", "forêt", "Forest"}
     pd.testing.assert_frame_equal(pd.read_csv(out, encoding="utf-8"), df, check_dtype=False, atol=1e-6)
     assert main(["predict", str(tmp_path / "tiles"), "--model", model_uri, "--out", str(tmp_path / "cli.csv"),
@@ -131,3 +136,84 @@ def test_tiles_in_another_band_order_or_per_band_files_predict_as_their_stacked_
     stacked = predict_tiles(tmp_path / "stacked", model_uri, tmp_path / "a.csv")
     other = predict_tiles(tmp_path / "other" / "m.csv", model_uri, tmp_path / "b.csv")
     np.testing.assert_allclose(other[PROB_COLUMNS].to_numpy(), stacked[PROB_COLUMNS].to_numpy(), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> tuple[str, Path, Path]:
+    """A tiny trained, open-set calibrated model as a local pyfunc folder; its model folder and packs folder."""
+    from factories import make_trained_model_dir
+
+    root = tmp_path_factory.mktemp("calibrated")
+    model_dir, prepared = make_trained_model_dir(root)
+    return str(save_pyfunc(model_dir, synthetic_tiles(2), root / "pyfunc")), model_dir, prepared
+
+
+def test_novelty_and_similarities_per_tile_from_a_calibrated_model(tmp_path, calibrated, capsys):
+    import torch
+    from factories import PACK_CLASSES
+
+    from geoclip.model.clip import load_model
+    from geoclip.model.openset import open_set_score
+
+    model_uri, model_dir, prepared = calibrated
+    known = np.load(prepared / "test_images.npy")
+    noise = np.random.default_rng(1).integers(0, 10000, (6, 13, 64, 64)).astype(np.uint16)
+    write_tiles(tmp_path / "tiles", np.concatenate([known, noise]))  # tile_30 .. tile_35 are noise
+    assert main(["predict", str(tmp_path / "tiles"), "--model", model_uri, "--out", str(tmp_path / "p.csv")]) == 0
+    out = capsys.readouterr()
+    assert "warning:" not in out.err  # the trained classes: never a far-class warning
+    df = pd.read_csv(tmp_path / "p.csv")
+    sims = [f"sim_{c}" for c in PACK_CLASSES]
+    assert list(df.columns) == ["id", "path", "predicted", "confidence", *[f"prob_{c}" for c in PACK_CLASSES],
+                                "max_similarity", "novelty", *sims]
+    model = load_model(model_dir)
+    tiles = np.stack([np.concatenate([known, noise])[int(Path(p).stem.split("_")[1])] for p in df["path"]])
+    _, emb = model.predict(torch.from_numpy(tiles.astype(np.float32)))
+    expected = emb.numpy() @ model.class_embeddings().detach().numpy().T
+    np.testing.assert_allclose(df[sims].to_numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(df["max_similarity"], expected.max(axis=1), atol=1e-5)
+    np.testing.assert_allclose(df["novelty"], open_set_score(expected.max(axis=1), model.cfg.open_set_quantiles),
+                               atol=1e-4)
+    is_noise = np.array([int(Path(p).stem.split("_")[1]) >= len(known) for p in df["path"]])
+    assert (df["novelty"][is_noise] >= 0.95).all()
+    assert (df["novelty"][~is_noise] >= 0.95).mean() <= 0.1
+    assert f"({len(df)} tiles; {int((df['novelty'] >= 0.95).sum())} with novelty >= 0.95" in out.out
+
+
+def test_far_class_lists_are_warned_by_name_and_the_trained_list_is_not(tmp_path, calibrated, capsys):
+    model_uri, _, _ = calibrated
+    write_tiles(tmp_path / "tiles", synthetic_tiles(2))
+    args = ["predict", str(tmp_path / "tiles"), "--model", model_uri, "--out", str(tmp_path / "p.csv")]
+    assert main([*args, "--classes", "spaceship interior, woodland, a cat on a sofa, Forest"]) == 0
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("warning:")]
+    assert line.startswith("warning: classes 'spaceship interior', 'a cat on a sofa' are far from anything the model "
+                           "learnt (nearest: ") and line.endswith("their scores are guesses")
+    assert "woodland" not in line and "Forest" not in line
+    assert main([*args, "--classes", "Forest, Industrial, SeaLake"]) == 0
+    assert main([*args, "--classes", "woodland, factories, lake"]) == 0  # paraphrases of what was learnt
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_a_model_saved_before_calibration_says_not_calibrated(tmp_path, model_uri, capsys):
+    write_tiles(tmp_path / "tiles", synthetic_tiles(2))
+    assert main(["predict", str(tmp_path / "tiles"), "--model", model_uri, "--out", str(tmp_path / "p.csv")]) == 0
+    out = capsys.readouterr()
+    assert "(2 tiles; novelty: not calibrated)" in out.out
+    assert f"warning: {model_uri}: open-set scores not calibrated" in out.err
+    assert pd.read_csv(tmp_path / "p.csv")["novelty"].isna().all()
+
+
+def test_the_served_model_returns_similarities_beside_its_old_outputs(calibrated):
+    from geoclip.registry.pyfunc import served_open_set
+
+    model_uri, _, _ = calibrated
+    model = load_served_model(model_uri)
+    out = model.predict(synthetic_tiles(3), params={"classes": ["lake", "spaceship interior"]})
+    assert {"probabilities", "embeddings"} <= set(out)  # what callers used before
+    assert out["similarities"].shape == (3, 2) and out["max_similarity"].shape == out["novelty"].shape == (3,)
+    np.testing.assert_allclose(out["max_similarity"], out["similarities"].max(axis=1))
+    assert ((out["novelty"] >= 0) & (out["novelty"] <= 1)).all()
+    info = served_open_set(model, {"classes": ["lake", "spaceship interior"]})
+    assert info["calibrated"] and [f["name"] for f in info["far_classes"]] == ["spaceship interior"]
+    assert served_open_set(model) == {"calibrated": True, "far_classes": [], "warning": ""}
