@@ -306,8 +306,8 @@ CASES: dict[str, Case] = {
     "label_to_missing_file": v(lambda root: (good_raw(root) / "tiles/River/River_3.tif").unlink(),
                                ONE, "labels.file_exists (expected an existing tile file) failed for "
                                     "tiles/River/River_3.tif"),
-    "unknown_class": v(_unknown_class, ONE, "labels.class_in_vocabulary (expected a class from classes.names) "
-                                            "failed for tiles/Desert/Desert_1.tif (got Desert)"),
+    "unknown_class": v(_unknown_class, ONE, "labels.class_in_vocabulary (expected a class from classes.names or "
+                                            "classes.concepts) failed for tiles/Desert/Desert_1.tif (got Desert)"),
     "duplicate_ids": v(_duplicate_ids, ONE, "labels.unique_id (expected unique ids) failed for "
                                             "tiles/River/River_1.tif (got River_1), tiles/River/River_2.tif (got River_1)"),
     "empty_dataset": v(_empty_dataset,
