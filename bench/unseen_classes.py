@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--synthetic-per-class", type=int, default=100)
     ap.add_argument("--caption-weight", type=float, default=None,
                     help="train.caption_weight for every run (default: params.yaml's)")
+    ap.add_argument("--text-projection", choices=("mlp", "linear"), default=None,
+                    help="train.text_projection for every run (default: params.yaml's)")
     ap.add_argument("--descriptions", type=Path, default=None,
                     help="a YAML file whose 'descriptions' replace classes.descriptions (e.g. "
                          "bench/attribute_descriptions.yaml)")
@@ -115,6 +117,8 @@ def main() -> None:
     data["train"] |= {"epochs": args.epochs, "nproc_per_node": 1}
     if args.caption_weight is not None:
         data["train"]["caption_weight"] = args.caption_weight
+    if args.text_projection is not None:
+        data["train"]["text_projection"] = args.text_projection
     if args.descriptions is not None:
         data["classes"]["descriptions"] = yaml.safe_load(args.descriptions.read_text())["descriptions"]
     # Synthetic tiles only: "auto" would train without a prior; --pretrained names one, frozen (its features cached).
@@ -165,6 +169,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": str(date.today()), "epochs": args.epochs,
                                     "caption_weight": params.train.caption_weight,
+                                    "text_projection": params.train.text_projection,
                                     "pretrained": params.train.pretrained,
                                     "descriptions": params.classes.descriptions,
                                     "synthetic_per_class": args.synthetic_per_class,

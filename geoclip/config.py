@@ -173,6 +173,9 @@ class TrainConfig:
     encoder_args: dict[str, int | float | str | bool] = field(default_factory=dict)  # extra timm kwargs
     init_weights: str = ""  # local weights file for the image encoder ("" = random init)
     text_finetune: bool = False  # also fine-tune the sentence encoder (default: frozen, projection trained)
+    # The class side's projection of sentence embeddings: "mlp" (one hidden layer) or "linear" (keeps the
+    # sentence encoder's geometry, so names never trained on land where their meaning puts them)
+    text_projection: str = "mlp"
     spectral_stats: bool = False  # per-band tile mean and std through a small MLP beside the encoder's features
     checkpoint_every: int = 0  # optimiser steps between resumable checkpoints (0: only at each epoch end)
     patience: int = 0  # early stopping: epochs without a better val_top1 before stopping (0: off)
@@ -448,6 +451,8 @@ def _validate(p: Params, source: str) -> None:
         raise GeoclipError(f"train.lr_base_batch: {t.lr_base_batch}; expected a number >= 1")
     if t.compile not in COMPILE_MODES:
         raise GeoclipError(f"train.compile: {t.compile!r}; expected one of {', '.join(COMPILE_MODES)}")
+    if p.train.text_projection not in ("mlp", "linear"):
+        raise GeoclipError(f"train.text_projection: {p.train.text_projection!r}; expected 'mlp' or 'linear'")
     if p.train.loss not in ("clip", "siglip"):
         raise GeoclipError(f"train.loss: {p.train.loss!r}; expected 'clip' or 'siglip'")
     if p.train.holdout_class and p.train.holdout_class not in p.classes.names:

@@ -51,6 +51,7 @@ class ModelConfig:
     # Fine-tune the sentence encoder on the prompts' token ids. Training only: save_model stores the
     # fine-tuned encoder's prompt features instead, so served models never need the transformer.
     text_finetune: bool = False
+    text_projection: str = "mlp"  # "mlp" or "linear": the class side's projection (train.text_projection)
     # Feed each tile's per-band mean and standard deviation (of the standardised input) through a small MLP
     # beside the convolutional features: spectral statistics alone separate most ground covers, and a CNN
     # trained on a few hundred real tiles does not reliably learn them from pixels.
@@ -167,8 +168,11 @@ class GeoCLIP(nn.Module):
                                            nn.Linear(STATS_WIDTH, STATS_WIDTH))
             width += STATS_WIDTH
         self.image_proj = nn.Linear(width, cfg.embed_dim)
-        self.text_proj = nn.Sequential(
-            nn.Linear(cfg.text_dim, cfg.text_dim), nn.GELU(), nn.Linear(cfg.text_dim, cfg.embed_dim))
+        if cfg.text_projection == "linear":
+            self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, cfg.embed_dim))
+        else:
+            self.text_proj = nn.Sequential(
+                nn.Linear(cfg.text_dim, cfg.text_dim), nn.GELU(), nn.Linear(cfg.text_dim, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
         # Always present (one state-dict layout for every loss) but trained only by siglip: a parameter
         # that never gets a gradient would break DistributedDataParallel.

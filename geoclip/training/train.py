@@ -153,7 +153,8 @@ def model_config(params: Params, data: PreparedData, prior: str = "") -> ModelCo
     prompts += [params.classes.prompts(c, concept_wording(params, c)) for c in data.concept_names]
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     extra = {"loss": params.train.loss, "encoder_args": dict(params.train.encoder_args),
-             "text_finetune": params.train.text_finetune, "spectral_stats": params.train.spectral_stats,
+             "text_finetune": params.train.text_finetune, "text_projection": params.train.text_projection,
+             "spectral_stats": params.train.spectral_stats,
              "templates": list(params.classes.templates), "descriptions": dict(params.classes.descriptions),
              "processing_level": params.ingest.processing_level.upper()}
     mean, std = list(data.mean), list(data.std)

@@ -175,6 +175,24 @@ def test_a_model_saved_before_the_new_fields_still_loads(model, tmp_path):
     assert torch.equal(loaded.image_proj.weight, model.image_proj.weight)
 
 
+def test_a_linear_text_projection_is_one_matrix_and_survives_save_and_load(tmp_path):
+    linear = build_model(_config(text_projection="linear"), seed=0).eval()
+    layers = [m for m in linear.text_proj.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 1 and tuple(layers[0].weight.shape) == (16, 384)
+    assert len([m for m in build_model(_config(), seed=0).text_proj.modules() if isinstance(m, torch.nn.Linear)]) == 2
+    save_model(linear, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.cfg.text_projection == "linear"
+    assert torch.allclose(loaded.class_embeddings(), linear.class_embeddings())
+
+
+def test_an_unknown_text_projection_is_refused():
+    from geoclip.config import params_from_dict
+
+    with pytest.raises(GeoclipError, match=r"train.text_projection: 'deep'; expected 'mlp' or 'linear'"):
+        params_from_dict({"train": {"text_projection": "deep"}})
+
+
 # --- text embedding cache and text fine-tuning ---------------------------------------------------------------
 
 
