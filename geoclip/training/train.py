@@ -32,6 +32,7 @@ from geoclip.errors import GeoclipError
 from geoclip.ioutils import write_json
 from geoclip.model.clip import GeoCLIP, ModelConfig, build_model, save_model
 from geoclip.model.loss import LOSSES
+from geoclip.model.openset import calibrate
 from geoclip.model.pretrained import DEFAULT_PRIOR, get_source, prior_normalisation
 from geoclip.model.text import embed_prompts
 from geoclip.plots import pyplot, save_png
@@ -438,16 +439,11 @@ def learnt_texts(run: _Run) -> list[str]:
 def served_model(run: _Run) -> GeoCLIP:
     """The best model as saved: the default classes only, what it learnt and its open-set calibration recorded."""
     model = default_classes_only(run.model, len(run.params.classes.names))
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    extra = {}
-    if "learnt_texts" in known:
-        extra["learnt_texts"] = learnt_texts(run)
-    if "open_set_quantiles" in known and len(run.val_y):
-        from geoclip.model.openset import calibrate
-
-        extra["open_set_quantiles"] = calibrate(model, run.val_x, run.val_y, run.params.evaluate.batch_size,
-                                                run.device)
-    model.cfg = replace(model.cfg, **extra)
+    quantiles = []
+    if len(run.val_y):  # with the views the served model averages (evaluate.tta), so novelty means the same there
+        quantiles = calibrate(model, run.val_x, run.val_y, run.params.evaluate.batch_size, run.device,
+                              tta=run.params.evaluate.tta)
+    model.cfg = replace(model.cfg, learnt_texts=learnt_texts(run), open_set_quantiles=quantiles)
     return model
 
 

@@ -94,6 +94,8 @@ def test_concept_tiles_all_train_and_the_served_model_keeps_the_class_list(held_
     model = load_model(params.paths.model)
     assert model.cfg.class_names == ["Forest", "Pasture", "SeaLake"]
     assert model.prompt_features.shape[0] == 3 and len(model.cfg.prompts) == 3
+    quantiles = model.cfg.open_set_quantiles  # calibrated on the seen classes' validation tiles, for novelty
+    assert len(quantiles) == 101 and quantiles == sorted(quantiles) and -1 <= quantiles[0] < quantiles[-1] <= 1
 
 
 def test_nothing_naming_the_held_out_class_reached_training(held_out_forest):
