@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import unicodedata
 from typing import NamedTuple
 
 import numpy as np
@@ -11,10 +10,9 @@ import torch
 
 from geoclip.errors import GeoclipError
 from geoclip.model.clip import GeoCLIP, ModelConfig, predict_batches
-from geoclip.model.vocab import DEFAULT_TEMPLATES, Vocabulary
+from geoclip.model.vocab import DEFAULT_TEMPLATES, Vocabulary, text_key
 
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)  # open_set_quantiles: the own-class similarity at 0, 1, ..., 100 %
-NOVELTY_THRESHOLD = 0.95  # novelty at or above this: farther from every class than 95 % of validation tiles
 FAR_QUANTILE = 0.9  # far: no closer to anything learnt than 9 in 10 pairs of learnt texts are to each other
 NOT_CALIBRATED = ("not calibrated (the model was saved without open_set_quantiles): novelty is empty; retrain to "
                   "get it")
@@ -27,11 +25,6 @@ class FarClass(NamedTuple):
     similarity: float  # cosine (sentence encoder) to the nearest learnt text
     nearest: str  # that learnt text
     threshold: float  # the calibrated limit it fell below
-
-
-def _key(text: str) -> str:
-    """A text as compared for duplicates: Unicode-normalised, case-folded, inner spaces collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 @torch.no_grad()
@@ -118,7 +111,7 @@ def learnt_set(cfg: ModelConfig) -> list[str]:
     seen: dict[str, str] = {}
     for text in texts:
         if isinstance(text, str) and text.strip():
-            seen.setdefault(_key(text), " ".join(text.split()))
+            seen.setdefault(text_key(text), " ".join(text.split()))
     return list(seen.values())
 
 

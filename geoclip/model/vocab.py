@@ -26,7 +26,7 @@ class Vocabulary:
     prompts: tuple[tuple[str, ...], ...]
 
 
-def _key(name: str) -> str:
+def text_key(name: str) -> str:
     """A name as compared for duplicates: Unicode-normalised, case-folded, inner spaces collapsed."""
     return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
 
@@ -50,7 +50,7 @@ def check_names(names: list[str], where: str) -> list[str]:
         raise GeoclipError(f"{where}: {len(clean)} classes; at most {MAX_CLASSES}")
     seen: dict[str, str] = {}
     for name in clean:
-        if (k := _key(name)) in seen:
+        if (k := text_key(name)) in seen:
             raise GeoclipError(f"{where}: {name!r} repeats {seen[k]!r}; class names must be distinct")
         seen[k] = name
     return clean

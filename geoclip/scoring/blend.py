@@ -50,7 +50,7 @@ class BlendedRows(NamedTuple):
     row: int  # first scene row
     classes: np.ndarray  # (n, width) uint8 class indices; NODATA_CLASS where the input is nodata
     probabilities: np.ndarray | None  # (classes, n, width) uint8, 0..PROB_SCALE; NODATA_CLASS likewise
-    novelty: np.ndarray | None = None  # (n, width) uint8 open-set score 0..PROB_SCALE (0 familiar); NODATA_CLASS likewise
+    novelty: np.ndarray | None = None  # (n, width) uint8 novelty 0..PROB_SCALE (0 familiar); NODATA_CLASS likewise
 
 
 def _grow(acc: np.ndarray, hits: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,15 +147,17 @@ def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: 
                     embeddings(batch.where, np.asarray(out["embeddings"]))
                 if probs.shape != (len(batch.where), n_classes):
                     raise GeoclipError(f"model output: shape {probs.shape}, expected ({len(batch.where)}, {n_classes})")
-                scores = _novelty(out, len(batch.where)) if novelty else np.zeros(len(batch.where), np.float32)
                 rows_now = -(-(batch.where[-1][0] + window) // stride) - c0  # rows come in order
-                acc_n = _grow(acc_n, hits, rows_now)[0]
+                if novelty:  # grown before acc: both follow the same hits
+                    acc_n = _grow(acc_n, hits, rows_now)[0]
+                    scores = _novelty(out, len(batch.where))
                 acc, hits = _grow(acc, hits, rows_now)
-                for (y0, x0), p, v in zip(batch.where, probs, scores):
+                for i, ((y0, x0), p) in enumerate(zip(batch.where, probs)):
                     r0, r1 = y0 // stride - c0, -(-(y0 + window) // stride) - c0
                     q0, q1 = x0 // stride, -(-(x0 + window) // stride)
                     acc[:, r0:r1, q0:q1] += p[:, None, None]
-                    acc_n[0, r0:r1, q0:q1] += v
+                    if novelty:
+                        acc_n[0, r0:r1, q0:q1] += scores[i]
                     hits[r0:r1, q0:q1] += 1
             valid = np.concatenate([valid, batch.valid])
             last = batch.settled >= src.height
@@ -164,8 +166,10 @@ def blend_rows(predict_fn: PredictFn, src, n_classes: int, window: int, stride: 
             end = batch.settled if last or not full_resolution else batch.settled - stride // 2
             if end <= done:
                 continue
-            acc_n = _grow(acc_n, hits, (gh if last else -(-batch.settled // stride)) - c0)[0]
-            acc, hits = _grow(acc, hits, (gh if last else -(-batch.settled // stride)) - c0)
+            rows_now = (gh if last else -(-batch.settled // stride)) - c0
+            if novelty:
+                acc_n = _grow(acc_n, hits, rows_now)[0]
+            acc, hits = _grow(acc, hits, rows_now)
             n = end - done
             nov = None
             if full_resolution:

@@ -45,7 +45,9 @@ SCENE_DTYPE = "uint16"  # what every input is read as: EuroSAT-like digital numb
 SUMMARY_FILE = "summary.json"
 # Per-scene outputs; the summary names the others (and goes last).
 OUTPUT_KEYS = ("classmap", "probabilities", "novelty", "quicklook", "embeddings", "summary")
-NOVELTY_THRESHOLD = 0.95  # the summary's unfamiliar share: scored area whose novelty is at least this (openset's)
+# Novelty at or above this is "unlike anything trained": farther from every class than 95% of validation tiles
+# (geoclip.model.openset); the summaries' unfamiliar share and predict's count use it.
+NOVELTY_THRESHOLD = 0.95
 
 
 def row_areas_m2(src, scene: Path | str) -> np.ndarray:
@@ -208,8 +210,8 @@ def score_scene(predict_fn: PredictFn, scene: Path | str, out_dir: Path, class_n
         try:
             with contextlib.closing(rows):  # inference runs ahead of the writing here, a bounded queue apart
                 counts, areas, correct, judged = write_outputs(
-                    tally.rows(rows) if novelty else rows, src, outs, list(class_names), {"model_uri": str(model_uri), "scene": scene_name or str(scene)},
-                    truth, row_area)
+                    tally.rows(rows) if novelty else rows, src, outs, list(class_names),
+                    {"model_uri": str(model_uri), "scene": scene_name or str(scene)}, truth, row_area)
         except BaseException:
             for part in writer:
                 part.abort()

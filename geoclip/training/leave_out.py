@@ -24,7 +24,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 ARTICLES = ("a ", "an ", "the ")
 
 
-def _spaced(name: str) -> str:
+def spaced(name: str) -> str:
     """``SeaLake`` -> ``sea lake``: a CamelCase class name as words."""
     return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower()
 
@@ -36,7 +36,7 @@ def held_out_words(holdout: str, description: str = "") -> tuple[str, ...]:
     desc = description.strip().lower()
     for article in ARTICLES:
         desc = desc.removeprefix(article)
-    return tuple(dict.fromkeys(w for w in (*SYNONYMS.get(holdout, ()), _spaced(holdout), desc) if w))
+    return tuple(dict.fromkeys(w for w in (*SYNONYMS.get(holdout, ()), spaced(holdout), desc) if w))
 
 
 def naming(text: str, words: Iterable[str]) -> str | None:
@@ -50,7 +50,7 @@ def naming(text: str, words: Iterable[str]) -> str | None:
 def kept_concepts(concepts: dict[str, str], words: tuple[str, ...]) -> list[str]:
     """The concepts (name -> wording) whose name and wording name none of ``words``, in order."""
     return [name for name, wording in concepts.items()
-            if naming(_spaced(name), words) is None and naming(wording, words) is None]
+            if naming(spaced(name), words) is None and naming(wording, words) is None]
 
 
 def scrub_captions(captions: Iterable[str], words: tuple[str, ...]) -> list[str]:

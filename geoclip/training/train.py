@@ -236,6 +236,7 @@ class _Run:
     # A frozen encoder's features (kept training tiles, 8 views, features), float16 on the device; None: computed
     tower_cache: torch.Tensor | None = None
     val_tower: torch.Tensor | None = None  # the same for the validation tiles, view 0 (rank 0 only)
+    caption_texts: list[str] = field(default_factory=list)  # the distinct captions training contrasts
 
 
 def _save(run: _Run, prog: _Progress) -> None:
@@ -427,13 +428,11 @@ def default_classes_only(model: GeoCLIP, n: int) -> GeoCLIP:
 
 
 def learnt_texts(run: _Run) -> list[str]:
-    """What the class side learnt from: the trained classes' and concepts' wordings and the captions' phrases."""
-    params, cfg = run.params, run.model.cfg
+    """What the class side learnt from: the trained classes' and concepts' wordings and the phrases of the captions
+    it contrasted (those of the kept training tiles, none naming the held-out class)."""
+    cfg = run.model.cfg
     texts = [cfg.prompts[c][0] for c in run.classes]
-    if run.caption_features is not None:
-        captions = split_captions(params.paths.prepared, "train")
-        texts += caption_phrases(scrub_captions(captions, held_out(params)))
-    return list(dict.fromkeys(texts))
+    return list(dict.fromkeys(texts + caption_phrases(run.caption_texts)))
 
 
 def served_model(run: _Run) -> GeoCLIP:
@@ -497,13 +496,14 @@ def _tower_cache(params: Params, model: GeoCLIP, data: PreparedData, rows: np.nd
 
 
 def _captions(params: Params, rows: np.ndarray, device: torch.device
-              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per kept training tile, the row of its caption among the distinct captions, and their sentence embeddings.
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """Per kept training tile, the row of its caption among the distinct captions, their sentence embeddings, and
+    the distinct captions themselves.
 
-    ``(None, None)`` when ``train.caption_weight`` is 0 or no training tile has a caption (then said once).
+    ``(None, None, [])`` when ``train.caption_weight`` is 0 or no training tile has a caption (then said once).
     """
     if params.train.caption_weight <= 0:
-        return None, None
+        return None, None, []
     captions = split_captions(params.paths.prepared, "train")
     if captions is not None:  # a caption naming the held-out class would teach it under another name
         captions = np.array(scrub_captions(captions, held_out(params)), dtype=object)
@@ -511,11 +511,11 @@ def _captions(params: Params, rows: np.ndarray, device: torch.device
     if not distinct:
         tqdm.write(f"note: train.caption_weight {params.train.caption_weight}: no training tile has a caption "
                    "(labels.csv column 'caption'); training on the class prompts only", file=sys.stderr)
-        return None, None
+        return None, None, []
     position = {c: i for i, c in enumerate(distinct)}
     ids = np.array([position.get(c, -1) for c in captions[rows]], dtype=np.int64)
     features = torch.from_numpy(embed_prompts(distinct))
-    return torch.from_numpy(ids).to(device), features.to(device)
+    return torch.from_numpy(ids).to(device), features.to(device), distinct
 
 
 def train(params: Params, resume: bool = False, open_log: OpenRunLog = no_run_log, launch_id: str = "") -> dict:
@@ -594,11 +594,12 @@ def _train_rank(params: Params, resume: bool, open_log: OpenRunLog, train_data: 
     step_module = compiled(step_module, cfg.compile, device, rank)
     tiles = _tiles(params, train_data, rows, device)
     labels = torch.from_numpy(train_labels).to(device)
-    caption_ids, caption_features = _captions(params, rows, device)
+    caption_ids, caption_features, caption_texts = _captions(params, rows, device)
     run = _Run(params, rank, world, device, model, step_module, opt, sched, tiles, labels, classes,
                np.asarray(val_data.images[val_rows]), np.asarray(val_data.labels)[val_rows], is_real, balance_labels,
                caption_ids, caption_features, generators, ckpt_path, fp, launch_id=launch_id,
-               tower_cache=_tower_cache(params, model, train_data, rows, rank, world, device))
+               tower_cache=_tower_cache(params, model, train_data, rows, rank, world, device),
+               caption_texts=caption_texts)
     if run.tower_cache is not None and rank == 0:  # validation reads the cache too (the same tiles every epoch)
         run.val_tower = _tower_cache(params, model, val_data, val_rows, 0, 1, device)[:, 0]
     # Checkpoints from before the run log was generic name it mlflow_run_id.

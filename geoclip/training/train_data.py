@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from geoclip.config import Params
-from geoclip.training.leave_out import held_out_words, kept_concepts
+from geoclip.training.leave_out import held_out_words, kept_concepts, spaced
 
 DEVICE_SHARE = 0.5  # keep tiles on the device only when they take under half its free memory
 
@@ -27,7 +26,7 @@ def concept_wording(params: Params, name: str) -> str:
     """How a concept is worded in its prompts: ``classes.descriptions``, else the synthetic catalogue's words."""
     from geoclip.data.synth_concepts import CONCEPTS
 
-    fallback = CONCEPTS[name].wording if name in CONCEPTS else re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower()
+    fallback = CONCEPTS[name].wording if name in CONCEPTS else spaced(name)
     return params.classes.descriptions.get(name, fallback)
 
 

@@ -13,7 +13,6 @@ from factories import PACK_CLASSES, make_model_dir, make_trained_model_dir
 from geoclip.errors import GeoclipError
 from geoclip.model.clip import CONFIG_FILE, GeoCLIP, ModelConfig, load_model
 from geoclip.model.openset import (
-    NOVELTY_THRESHOLD,
     calibrate,
     far_classes,
     far_report,
@@ -25,6 +24,7 @@ from geoclip.model.openset import (
     similarity_outputs,
 )
 from geoclip.model.vocab import class_embeddings, vocabulary
+from geoclip.scoring.score import NOVELTY_THRESHOLD
 
 
 @pytest.fixture(scope="module")
